@@ -1,0 +1,277 @@
+"""sipgen.conf: a Yate-style INI file, and its schema in one table.
+
+Format (as Yate's own ``.conf`` files): ``[section]`` headers, ``key=value`` lines (split at the
+first ``=``, both sides trimmed), comments on lines starting with ``;`` or ``#``. Booleans take
+Yate's words (``true/yes/on/enable`` and ``false/no/off/disable``).
+
+Under Yate the file path is argv[1] and the working directory is Yate's, so relative paths
+*inside* the file resolve against the file's own directory.
+
+Every key is declared once in :data:`SCHEMA` (section, key, type, default, doc); the loader
+checks values against it, warns about unknown sections and keys, and ``examples/sipgen.conf``
+is tested against it so that it documents every key with its default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+_TRUE = ("true", "yes", "on", "enable", "t")
+_FALSE = ("false", "no", "off", "disable", "f")
+
+
+@dataclass(frozen=True)
+class Key:
+    section: str
+    name: str
+    kind: str  # int, float, bool, str, choice, list, path
+    default: Any
+    doc: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            return "true or false"
+        if self.kind == "choice":
+            return "one of " + ", ".join(self.choices)
+        if self.kind in ("int", "float"):
+            lo = "" if self.minimum is None else f" >= {self.minimum:g}"
+            hi = "" if self.maximum is None else f" <= {self.maximum:g}"
+            return f"a{'n integer' if self.kind == 'int' else ' number'}{lo}{' and' if lo and hi else ''}{hi}"
+        if self.kind == "list":
+            return "a comma-separated list"
+        return "text"
+
+    def parse(self, raw: str, base_dir: str) -> Any:
+        raw = raw.strip()
+        k = self.kind
+        if k == "bool":
+            low = raw.lower()
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise ValueError
+        if k in ("int", "float"):
+            v: float = int(raw, 10) if k == "int" else float(raw)
+            if (self.minimum is not None and v < self.minimum) or (
+                    self.maximum is not None and v > self.maximum):
+                raise ValueError
+            return v
+        if k == "choice":
+            if raw not in self.choices:
+                raise ValueError
+            return raw
+        if k == "list":
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if k == "path":
+            if not raw:
+                return ""
+            return raw if os.path.isabs(raw) else os.path.normpath(os.path.join(base_dir, raw))
+        return raw
+
+    def show(self, value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, tuple):
+            return ",".join(value)
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
+        return str(value)
+
+
+SCHEMA: list[Key] = []
+
+
+def key(section: str, name: str, kind: str, default: Any, doc: str, **kw: Any) -> None:
+    """Declare a config key (features call this at import time)."""
+    SCHEMA.append(Key(section, name, kind, default, doc, **kw))
+
+
+# [general] -- the engine --------------------------------------------------------------------
+key("general", "timeout", "int", 10000,
+    "Yate's answer timeout for this script in ms (setlocal timeout). Yate releases a message "
+    "we have not answered after this long; keep it well below a SIP sender's 32 s Timer F.",
+    minimum=1000, maximum=30000)
+key("general", "answer_margin", "int", 1000,
+    "We answer every message at the latest this many ms before Yate's timeout.",
+    minimum=100, maximum=10000)
+key("general", "dispatch_timeout", "int", 10000,
+    "Default ms to wait for Yate's answer to a message we dispatch.", minimum=100, maximum=60000)
+key("general", "max_in_progress", "int", 2000,
+    "Messages handled at once; past this a sip.* request gets 503 with Retry-After at once.",
+    minimum=1, maximum=10000)
+key("general", "maxqueue", "int", 5000,
+    "Yate's limit of unanswered messages queued to this script (setlocal maxqueue, 0-10000). "
+    "Keep it above max_in_progress so overload gets our 503, not Yate's silent refusal.",
+    minimum=0, maximum=10000)
+key("general", "restart", "bool", True,
+    "Let Yate respawn the script when it exits or crashes (setlocal restart). Crash loops back "
+    "off using a counter kept in state_dir.")
+key("general", "state_dir", "path", "state",
+    "Directory for the script's own state (crash counter, databases by default). Relative to "
+    "this file's directory.")
+key("general", "name", "str", "sipgen",
+    "Name used in Yate's console: 'status NAME', 'NAME stats', 'reload NAME'.")
+
+# [connection] -- how we reach Yate ----------------------------------------------------------
+key("connection", "mode", "choice", "pipe",
+    "pipe: started by Yate from extmodule.conf [scripts] (stdin/stdout). tcp or unix: run as a "
+    "separate service connecting to an extmodule [listener].", choices=("pipe", "tcp", "unix"))
+key("connection", "address", "str", "",
+    "tcp: host:port of the listener (e.g. 127.0.0.1:5040); unix: path of its socket.")
+key("connection", "send_connect", "bool", True,
+    "Socket modes: send %%>connect:global first (needed when the listener has no role=).")
+key("connection", "reconnect_min", "float", 1.0,
+    "Socket modes: first reconnect delay in seconds (doubles up to reconnect_max).",
+    minimum=0.05, maximum=60)
+key("connection", "reconnect_max", "float", 30.0,
+    "Socket modes: longest reconnect delay in seconds.", minimum=0.1, maximum=600)
+
+
+@dataclass
+class Config:
+    """A validated configuration: ``cfg["section"]["key"]`` gives typed values."""
+
+    path: str
+    base_dir: str
+    values: dict[str, dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
+    sections_seen: set[str] = field(default_factory=set)
+
+    def __getitem__(self, section: str) -> dict[str, Any]:
+        return self.values[section]
+
+    def effective(self) -> list[str]:
+        """``[section]`` / ``key=value`` lines of every setting, defaults included."""
+        out: list[str] = []
+        for section in _sections():
+            out.append(f"[{section}]")
+            for k in SCHEMA:
+                if k.section == section:
+                    out.append(f"{k.name}={k.show(self.values[section][k.name])}")
+            out.append("")
+        return out
+
+
+def _sections() -> list[str]:
+    seen: list[str] = []
+    for k in SCHEMA:
+        if k.section not in seen:
+            seen.append(k.section)
+    return seen
+
+
+def defaults(base_dir: str = ".") -> Config:
+    values: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
+    for k in SCHEMA:
+        values[k.section][k.name] = k.parse(k.show(k.default), base_dir) if k.kind == "path" else k.default
+    return Config("", os.path.abspath(base_dir), values)
+
+
+def parse_text(text: str, path: str = "<text>") -> Config:
+    """Parse and validate; raises :class:`ConfigError` listing every error found."""
+    base_dir = os.path.dirname(os.path.abspath(path)) if path != "<text>" else os.getcwd()
+    cfg = defaults(base_dir)
+    cfg.path = path
+    known: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
+    known_sections = set(_sections())
+    errors: list[str] = []
+    section: str | None = None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        s = line.strip()
+        if not s or s[0] in ";#":
+            continue
+        where = f"{path}:{lineno}"
+        if s.startswith("["):
+            if not s.endswith("]") or len(s) < 3:
+                errors.append(f"{where}: malformed section header {s!r}")
+                section = None
+                continue
+            section = s[1:-1].strip()
+            cfg.sections_seen.add(section)
+            if section not in known_sections and not _is_extension_section(section):
+                cfg.warnings.append(f"{where}: unknown section [{section}] ignored "
+                                    f"(known: {', '.join(sorted(known_sections))})")
+            continue
+        name, sep, raw = s.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            errors.append(f"{where}: expected key=value, got {s!r}")
+            continue
+        if section is None:
+            errors.append(f"{where}: {name}= appears before any [section]")
+            continue
+        k = known.get((section, name))
+        if k is None:
+            if section in known_sections:
+                names = ", ".join(x.name for x in SCHEMA if x.section == section)
+                cfg.warnings.append(f"{where}: unknown key {name} in [{section}] ignored "
+                                    f"(known: {names})")
+            elif _is_extension_section(section):
+                cfg.values.setdefault(section, {})[name] = raw.strip()
+            continue
+        try:
+            cfg.values[section][name] = k.parse(raw, base_dir)
+        except ValueError:
+            errors.append(f"{where}: [{section}] {name}={raw.strip()!r} is invalid: "
+                          f"expected {k.allowed()}")
+    for check in CHECKS:
+        errors.extend(check(cfg))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return cfg
+
+
+def load(path: str) -> Config:
+    """Read and validate ``path``; an empty path gives the defaults (relative to the cwd)."""
+    if not path:
+        cfg = defaults(os.getcwd())
+        cfg.warnings.append("no configuration file given: using the defaults")
+        return cfg
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    return parse_text(text, path)
+
+
+#: Sections whose keys are free-form (e.g. ``[service echo]``): values kept as text.
+EXTENSION_PREFIXES: list[str] = []
+
+
+def _is_extension_section(section: str) -> bool:
+    return any(section.startswith(pfx) for pfx in EXTENSION_PREFIXES)
+
+
+#: Cross-key checks: each returns a list of error strings.
+CHECKS: list[Callable[[Config], list[str]]] = []
+
+
+def _check_general(cfg: Config) -> list[str]:
+    g = cfg["general"]
+    errs = []
+    if g["answer_margin"] >= g["timeout"]:
+        errs.append(f"{cfg.path}: [general] answer_margin={g['answer_margin']} must be below "
+                    f"timeout={g['timeout']}")
+    c = cfg["connection"]
+    if c["mode"] != "pipe" and not c["address"]:
+        errs.append(f"{cfg.path}: [connection] mode={c['mode']} needs address=")
+    if c["mode"] == "tcp" and c["address"]:
+        host, _, port = c["address"].rpartition(":")
+        if not host or not port.isdigit():
+            errs.append(f"{cfg.path}: [connection] address={c['address']!r} must be host:port")
+    return errs
+
+
+CHECKS.append(_check_general)

@@ -1,0 +1,405 @@
+"""The asyncio runtime: handlers, dispatch, deadlines and back-pressure around a Session.
+
+Features register with the small public API::
+
+    @engine.handler("sip.message", priority=50)
+    async def on_message(msg: Message) -> bool: ...   # True: handled (stop), False: go on
+
+    @engine.watcher("user.register")
+    async def on_register(msg: Message) -> None: ...
+
+    answered = await engine.dispatch(Message("call.route", {...}), timeout=5)
+    engine.enqueue(Message("msg.execute", {...}))    # fire-and-forget: empty id, no answer
+
+Yate allows one install and one watch per message name per script (reference §1.4.4, §1.4.6),
+so the engine installs each name once and fans out to every registered handler itself, in
+priority order, applying each handler's filter. Plain (non-async) handlers run inline, without
+a task: ``engine.status`` and ``engine.timer`` cost almost nothing.
+
+Every incoming message is answered exactly once, before its deadline:
+
+* a handler that returns answers with what it changed;
+* one that raises gets the failure answer (``sip.*``: handled with ``code=500``; others:
+  unhandled and unchanged), logged and counted;
+* one still running at the deadline is cancelled and gets the same failure answer;
+* past ``max_in_progress`` messages in progress, ``sip.*`` gets 503 + ``Retry-After`` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+from .errors import DispatchCancelled, DispatchTimeout, LineTooLong, LocalProtocolError
+from .message import Message
+from .session import RETRY_AFTER, BadLineReceived, Session, is_sip
+from .stats import Stats
+
+log = logging.getLogger("yate_sipgen.engine")
+
+Handler = Callable[[Message], "bool | None | Awaitable[bool | None]"]
+Watcher = Callable[[Message], "None | Awaitable[None]"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    func: Handler
+    priority: int
+    filter: tuple[str, str] | None
+    is_async: bool
+    owner: str
+
+
+@dataclass(slots=True)
+class _Route:
+    """Everything registered for one message name: installed once in Yate."""
+
+    entries: list[_Entry] = field(default_factory=list)
+    all_sync: bool = True
+
+    def install_args(self) -> tuple[int, str | None, str | None]:
+        prio = min(e.priority for e in self.entries)
+        filters = {e.filter for e in self.entries}
+        if len(filters) == 1 and None not in filters:
+            (f,) = filters
+            return prio, f[0], f[1]
+        return prio, None, None
+
+
+class Engine:
+    """One running script: a registry of handlers and a live connection to Yate.
+
+    Args:
+        answer_within: seconds after reading a message by which it must be answered; keep it
+            below Yate's ``timeout`` for this script.
+        dispatch_timeout: default seconds to wait for Yate's answer to our own messages.
+        max_in_progress: async handlers running at once before ``sip.*`` gets 503.
+    """
+
+    def __init__(self, *, answer_within: float = 9.0, dispatch_timeout: float = 10.0,
+                 max_in_progress: int = 2000, stats: Stats | None = None) -> None:
+        self.routes: dict[str, _Route] = {}
+        self.watchers: dict[str, list[Watcher]] = {}
+        self.answer_within = answer_within
+        self.dispatch_timeout = dispatch_timeout
+        self.max_in_progress = max_in_progress
+        self.stats = stats or Stats()
+        self.session: Session | None = None
+        self._write: Callable[[bytes], None] | None = None
+        self._flush_scheduled = False
+        self._futures: dict[str, asyncio.Future[Message]] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_reply: Callable[[object], None] | None = None  # keyword replies, for the app
+        self.on_connected: list[Callable[[], None]] = []
+
+    # -- registration ------------------------------------------------------------------------
+    def handler(self, name: str, *, priority: int = 100, filter: tuple[str, str] | None = None,
+                owner: str = "") -> Callable[[Handler], Handler]:
+        """Decorator: handle ``name``. Return True when handled (later handlers are skipped)."""
+
+        def deco(func: Handler) -> Handler:
+            self.add_handler(name, func, priority=priority, filter=filter, owner=owner)
+            return func
+
+        return deco
+
+    def add_handler(self, name: str, func: Handler, *, priority: int = 100,
+                    filter: tuple[str, str] | None = None, owner: str = "") -> None:
+        p.check_raw(name, "message name")
+        route = self.routes.setdefault(name, _Route())
+        is_async = inspect.iscoroutinefunction(func)
+        route.entries.append(_Entry(func, priority, filter, is_async, owner))
+        route.entries.sort(key=lambda e: e.priority)
+        route.all_sync = not any(e.is_async for e in route.entries)
+
+    def watcher(self, name: str) -> Callable[[Watcher], Watcher]:
+        """Decorator: be told about every dispatched ``name`` (post-dispatch, no answer)."""
+
+        def deco(func: Watcher) -> Watcher:
+            p.check_raw(name, "watch name")
+            self.watchers.setdefault(name, []).append(func)
+            return func
+
+        return deco
+
+    # -- connection ----------------------------------------------------------------------------
+    def attach(self, write: Callable[[bytes], None], *, role: str | None = None,
+               setlocals: list[tuple[str, str | bool | int]] = ()) -> Session:
+        """Start a new connection: a fresh Session, the setlocals, then every install and watch."""
+        self._loop = asyncio.get_running_loop()
+        self.session = s = Session(answer_within=self.answer_within)
+        self._write = write
+        if role:
+            s.connect(role)
+        for name, value in setlocals:
+            s.setlocal(name, value)
+        for name, route in self.routes.items():
+            prio, fname, fvalue = route.install_args()
+            s.install(name, prio, fname, fvalue)
+        for name in self.watchers:
+            s.watch(name)
+        self.flush()
+        for cb in self.on_connected:
+            cb()
+        return s
+
+    def detach(self) -> None:
+        """The connection is gone: fail pending dispatches, drop messages nobody can answer."""
+        s = self.session
+        self.session = None
+        self._write = None
+        for fut in self._futures.values():
+            if not fut.done():
+                fut.set_exception(DispatchCancelled("connection to Yate closed"))
+        self._futures.clear()
+        for task in self._tasks.values():
+            task.cancel()
+        self._tasks.clear()
+        if s is not None:
+            s.incoming.clear()
+        if self._deadline_timer:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        s = self.session
+        if s is not None and s.has_output and self._write is not None:
+            self._write(s.data_to_send())
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled and self._loop is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    # -- input ---------------------------------------------------------------------------------
+    def feed(self, data: bytes) -> None:
+        """Bytes from Yate: decode, run what they ask for, write what resulted (one write)."""
+        s = self.session
+        if s is None:
+            return
+        now = self._loop.time()
+        for ev in s.receive_data(data, now):
+            t = type(ev)
+            if t is p.MessageReceived:
+                self._on_message(ev.message)
+            elif t is p.AnswerReceived:
+                fut = self._futures.pop(ev.id, None)
+                if fut is not None and not fut.done():
+                    ev.message.handled = ev.handled
+                    fut.set_result(ev.message)
+            elif t is p.WatchReceived:
+                self._on_watch(ev)
+            elif t is BadLineReceived:
+                self.stats.events["bad_line"] += 1
+                log.warning("bad line from Yate (%s): %r", ev.error.reason, ev.line[:120])
+            elif t is p.ErrorInReceived:
+                self.stats.events["error_in"] += 1
+                log.error("Yate could not parse our line: %r", ev.line[:200])
+            elif self.on_reply is not None:
+                self.on_reply(ev)
+        self.flush()
+
+    def _on_message(self, msg: Message) -> None:
+        self.stats.handled[msg.name] += 1
+        route = self.routes.get(msg.name)
+        if route is None:
+            self._answer(msg, False)
+            return
+        if route.all_sync:
+            self._run_sync(msg, route)
+            return
+        if len(self._tasks) >= self.max_in_progress:
+            self.stats.events["overload"] += 1
+            self._fail(msg, 503, RETRY_AFTER)
+            return
+        self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
+        if self._deadline_timer is None:
+            self._arm_deadline(msg.deadline)
+
+    def _run_sync(self, msg: Message, route: _Route) -> None:
+        try:
+            handled = False
+            for e in route.entries:
+                f = e.filter
+                if f is not None and msg.params.get(f[0], "") != f[1]:
+                    continue
+                if e.func(msg):
+                    handled = True
+                    break
+        except Exception:
+            self.stats.events["handler_error"] += 1
+            log.exception("handler for %s failed", msg.name)
+            self._fail(msg, 500)
+            return
+        self._answer(msg, handled)
+
+    async def _run(self, msg: Message, route: _Route) -> None:
+        try:
+            handled = False
+            for e in route.entries:
+                f = e.filter
+                if f is not None and msg.params.get(f[0], "") != f[1]:
+                    continue
+                r = e.func(msg)
+                if e.is_async:
+                    r = await r
+                if r:
+                    handled = True
+                    break
+        except asyncio.CancelledError:
+            if not msg.answered and self.session is not None and msg.id in self.session.incoming:
+                self._fail(msg, 500)
+            raise
+        except Exception:
+            self._tasks.pop(msg.id, None)
+            if msg.answered:
+                return
+            self.stats.events["handler_error"] += 1
+            log.exception("handler for %s failed", msg.name)
+            self._fail(msg, 500)
+            return
+        self._tasks.pop(msg.id, None)
+        if not msg.answered:
+            self._answer(msg, handled)
+
+    def answer_now(self, msg: Message, handled: bool = True) -> None:
+        """Answer before the handler returns (its later return value is then ignored)."""
+        self._answer(msg, handled)
+
+    def _answer(self, msg: Message, handled: bool) -> None:
+        s = self.session
+        if s is None or msg.id not in s.incoming:
+            return  # connection gone, or already answered at the deadline
+        err = s.answer(msg, handled)
+        if err is not None:
+            self.stats.events["answer_too_long"] += 1
+            log.error("answer to %s too long (%s); sent the failure answer", msg.name, err)
+        if is_sip(msg.original_name):
+            self.stats.codes[msg.params.get("code") or ("200" if handled else "405")] += 1
+        self._schedule_flush()
+
+    def _fail(self, msg: Message, code: int, retry_after: str | None = None) -> None:
+        s = self.session
+        if s is None or msg.id not in s.incoming:
+            return
+        s.answer_failure(msg, code, retry_after)
+        if is_sip(msg.original_name):
+            self.stats.codes[str(code)] += 1
+        self._schedule_flush()
+
+    # -- deadlines -----------------------------------------------------------------------------
+    def _arm_deadline(self, when: float) -> None:
+        self._deadline_timer = self._loop.call_at(when, self._deadline_fired)
+
+    def _deadline_fired(self) -> None:
+        self._deadline_timer = None
+        s = self.session
+        if s is None:
+            return
+        now = self._loop.time()
+        for msg in s.overdue(now):
+            self.stats.events["answer_deadline"] += 1
+            log.warning("handler for %s did not finish within %.1fs; answered as a failure",
+                        msg.name, self.answer_within)
+            self._fail(msg, 500)
+            task = self._tasks.pop(msg.id, None)
+            if task is not None:
+                task.cancel()
+        nxt = s.next_deadline()
+        if nxt is not None:
+            self._arm_deadline(max(nxt, now + 0.001))
+        self.flush()
+
+    # -- watches ------------------------------------------------------------------------------
+    def _on_watch(self, ev: p.WatchReceived) -> None:
+        msg = ev.message
+        msg.handled = ev.handled
+        funcs = self.watchers.get(msg.name, ()) or self.watchers.get("", ())
+        for func in funcs:
+            try:
+                r = func(msg)
+                if inspect.isawaitable(r):
+                    self.spawn(r, f"watcher of {msg.name}")
+            except Exception:
+                self.stats.events["handler_error"] += 1
+                log.exception("watcher of %s failed", msg.name)
+
+    def spawn(self, coro: Awaitable[Any], what: str = "task") -> asyncio.Task[Any]:
+        """Run a background coroutine; its failure is logged and counted, never lost."""
+        task = asyncio.ensure_future(coro)
+        self._bg.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._bg.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.stats.events["handler_error"] += 1
+                log.error("%s failed", what, exc_info=t.exception())
+
+        task.add_done_callback(done)
+        return task
+
+    # -- output --------------------------------------------------------------------------------
+    async def dispatch(self, msg: Message, timeout: float | None = None) -> Message:
+        """Send ``msg`` to Yate and wait for its answer (the final message, ``.handled`` set).
+
+        Raises :class:`DispatchTimeout` after ``timeout`` seconds (default
+        ``dispatch_timeout``), :class:`DispatchCancelled` if the connection closes, and
+        :class:`LineTooLong` / :class:`LocalProtocolError` before sending anything that Yate
+        would refuse.
+        """
+        s = self.session
+        if s is None:
+            raise DispatchCancelled("not connected to Yate")
+        mid = s.dispatch(msg)
+        fut: asyncio.Future[Message] = self._loop.create_future()
+        self._futures[mid] = fut
+        self._schedule_flush()
+        secs = self.dispatch_timeout if timeout is None else timeout
+        # One timer handle instead of asyncio.wait_for: this is on the hot path twice per MESSAGE.
+        timer = self._loop.call_later(secs, self._dispatch_expired, fut, msg.name, secs)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self._futures.pop(mid, None)
+            if self.session is s:
+                s.forget(mid)
+
+    def _dispatch_expired(self, fut: asyncio.Future[Message], name: str, secs: float) -> None:
+        if not fut.done():
+            self.stats.events["dispatch_timeout"] += 1
+            fut.set_exception(DispatchTimeout(f"{name} got no answer from Yate within {secs:g}s"))
+
+    def enqueue(self, msg: Message) -> None:
+        """Fire-and-forget: dispatch with an empty id. Yate never answers it, and (reference
+        Surprise 10) delivers it to our own handlers and watchers too."""
+        s = self.session
+        if s is None:
+            raise DispatchCancelled("not connected to Yate")
+        s.dispatch(msg, expect_answer=False)
+        self._schedule_flush()
+
+    def send_keyword(self, kind: str, *args: Any) -> None:
+        """Write a keyword line now (``setlocal``, ``output``, ``debug``, ``quit``, ...)."""
+        s = self.session
+        if s is None:
+            raise DispatchCancelled("not connected to Yate")
+        getattr(s, kind)(*args)
+        self._schedule_flush()
+
+    @property
+    def in_progress(self) -> int:
+        return len(self._tasks)
+
+
+__all__ = ["Engine", "Message", "DispatchTimeout", "DispatchCancelled", "LineTooLong",
+           "LocalProtocolError"]

@@ -1,0 +1,653 @@
+"""Yate's extmodule line protocol: bytes <-> typed lines, with no I/O.
+
+Every rule here comes from ``yate-internals.md`` §0, §1.3-1.4, "Surprises" and §6:
+
+* Lines are ``\\n``-terminated; a trailing ``\\r`` is stripped; empty lines are ignored.
+* Text is handled as ``str`` decoded from UTF-8 with ``surrogateescape``: bytes 0x80-0xFF pass
+  through untouched and any byte sequence round-trips.
+* Escaping (``String::msgEscape``): ``%`` -> ``%%``, a byte below 0x20 or ``:`` -> ``%`` +
+  chr(c + 0x40). Yate additionally writes ``=`` in *param names* as ``%}`` but refuses ``%}``
+  from the script, so we accept it on input and never write it.
+* Unescaping (``String::msgUnescape``) accepts only ``%%``, ``%z`` and ``%A``..``%_``; anything
+  else, a trailing ``%`` or a raw control byte is an error.
+* Some fields are raw on the Yate side (install/uninstall/watch/unwatch names, setlocal name
+  and value, output text): they cannot carry ``:`` (a separator) or control bytes, and the API
+  refuses such values instead of writing a line Yate would misread.
+* A line from the script must fit in ``bufsize - 2`` bytes or Yate kills the script.
+
+Decoding functions raise :class:`RemoteProtocolError`; encoding functions raise
+:class:`LocalProtocolError` (or :class:`LineTooLong`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from .errors import LineTooLong, LocalProtocolError, RemoteProtocolError
+from .message import Message
+
+ENCODING = "utf-8"
+ERRORS = "surrogateescape"
+
+DEFAULT_BUFSIZE = 8192  # Yate's DEF_INCOMING_LINE
+MAX_BUFSIZE = 65536
+MIN_BUFSIZE = 2048
+
+
+def max_line_for(bufsize: int) -> int:
+    """Longest line (without its ``\\n``) Yate accepts with that buffer (§1.2, §6)."""
+    return bufsize - 2
+
+
+TRUE_WORDS = frozenset(("true", "yes", "on", "enable", "t"))
+FALSE_WORDS = frozenset(("false", "no", "off", "disable", "f"))
+
+# --- escaping ---------------------------------------------------------------------------------
+
+_SPECIAL = re.compile("[\x00-\x1f:%]")
+_ESC_OUT = {chr(c): "%" + chr(c + 0x40) for c in range(0x20)}
+_ESC_OUT[":"] = "%z"
+_ESC_OUT["%"] = "%%"
+_UNESC = {chr(c + 0x40): chr(c) for c in range(1, 0x20)}
+_UNESC["z"] = ":"
+_UNESC["%"] = "%"
+_UNESC_NAME = dict(_UNESC)
+_UNESC_NAME["}"] = "="
+_ESC_IN = re.compile("%(.?)", re.S)
+_CTRL = re.compile("[\x00-\x1f]")
+
+
+def _esc_repl(m: re.Match[str], _t: dict[str, str] = _ESC_OUT) -> str:
+    return _t[m.group()]
+
+
+def escape(text: str) -> str:
+    """Escape a field exactly as ``String::msgEscape`` does (no extra character)."""
+    if _SPECIAL.search(text) is None:
+        return text
+    return _SPECIAL.sub(_esc_repl, text)
+
+
+def _unesc_repl(m: re.Match[str], _t: dict[str, str] = _UNESC) -> str:
+    return _t[m.group(1)]
+
+
+def _unesc_name_repl(m: re.Match[str], _t: dict[str, str] = _UNESC_NAME) -> str:
+    return _t[m.group(1)]
+
+
+def unescape(text: str, *, name: bool = False) -> str:
+    """Undo :func:`escape`, strictly; ``name=True`` also accepts Yate's ``%}`` for ``=``.
+
+    Raises :class:`RemoteProtocolError` on a bad escape. The caller is expected to have
+    rejected raw control bytes for the whole line already.
+    """
+    if "%" not in text:
+        return text
+    try:
+        return _ESC_IN.sub(_unesc_name_repl if name else _unesc_repl, text)
+    except KeyError:
+        m = re.search("%(?![A-_z%]|$)|%$" if not name else "%(?![A-_z%}]|$)|%$", text)
+        pos = m.start() if m else -1
+        raise RemoteProtocolError(f"bad escape at offset {pos} in {text[:60]!r}") from None
+
+
+def escaped_size(text: str) -> int:
+    """Bytes ``text`` takes on the wire once escaped (for size checks before building a line)."""
+    n = len(text.encode(ENCODING, ERRORS)) if not text.isascii() else len(text)
+    if _SPECIAL.search(text) is None:
+        return n
+    return n + len(_SPECIAL.findall(text))
+
+
+def check_raw(value: str, what: str) -> str:
+    """Validate a field Yate takes raw: no ``:`` and no control byte (they cannot be escaped)."""
+    if ":" in value or _CTRL.search(value):
+        raise LocalProtocolError(f"{what} {value!r} cannot contain ':' or control characters "
+                                 "(Yate reads this field raw)")
+    return value
+
+
+def check_param_name(name: str) -> None:
+    if not name or "=" in name:
+        raise LocalProtocolError(f"param name {name!r} is empty or contains '=' "
+                                 "(Yate would split it wrongly)")
+
+
+def parse_bool(word: str) -> bool | None:
+    """Yate's ``String::toBoolean`` without a default: ``None`` when it is not a boolean."""
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    return None
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+# --- typed lines ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """``%%>message`` from Yate: it waits for our answer (or, script->Yate, our dispatch)."""
+
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerReceived:
+    """``%%<message`` with a non-empty id: Yate's answer to a message we dispatched."""
+
+    id: str
+    handled: bool
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReceived:
+    """``%%<message`` with an empty id: a watch (post-dispatch) notification."""
+
+    handled: bool
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class InstallReplied:
+    priority: int
+    name: str
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UninstallReplied:
+    priority: int
+    name: str
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReplied:
+    name: str
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UnwatchReplied:
+    name: str
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SetLocalReplied:
+    """``%%<setlocal:<name>:<value>:<ok>``; the value is raw and may contain ``:``."""
+
+    name: str
+    value: str
+    success: bool
+
+
+@dataclass(frozen=True, slots=True)
+class QuitReplied:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInReceived:
+    """``Error in: <line>``: Yate could not parse a line of ours. Never answered."""
+
+    line: str
+
+
+# Script -> Yate line kinds (what we write; parsed back by the tools and tests).
+
+
+@dataclass(frozen=True, slots=True)
+class Install:
+    name: str
+    priority: int | None = None
+    filter_name: str | None = None
+    filter_value: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Uninstall:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatch:
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetLocal:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Debug:
+    level: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    role: str
+    id: str | None = None
+    type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """``%%<message`` written by the script: the answer to a message Yate asked us to handle.
+
+    ``changes`` maps names to new values, ``None`` meaning "delete" (a bare key).
+    """
+
+    id: str
+    handled: bool
+    name: str
+    retval: str
+    changes: tuple[tuple[str, str | None], ...] = ()
+
+
+FromYate = Union[MessageReceived, AnswerReceived, WatchReceived, InstallReplied,
+                 UninstallReplied, WatchReplied, UnwatchReplied, SetLocalReplied,
+                 QuitReplied, ErrorInReceived]
+FromScript = Union[MessageReceived, Answer, Install, Uninstall, Watch, Unwatch, SetLocal,
+                   Output, Debug, Connect, Quit]
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+
+def _decode(raw: bytes) -> str:
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    return raw.decode(ENCODING, ERRORS)
+
+
+def _params(chunks: list[str], start: int) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
+    """Decode ``k=v`` chunks as Yate writes them (names may carry ``%}``)."""
+    params: dict[str, str] = {}
+    extra: list[tuple[str, str]] | None = None
+    for i in range(start, len(chunks)):
+        chunk = chunks[i]
+        if not chunk:
+            continue  # Yate skips empty chunks ("::")
+        k, sep, v = chunk.partition("=")
+        if not k:
+            raise RemoteProtocolError(f"param chunk {chunk[:40]!r} begins with '='")
+        if "%" in k:
+            k = unescape(k, name=True)
+        if not sep:
+            continue  # a bare key deletes; on a message we just built that is a no-op
+        if "%" in v:
+            v = unescape(v)
+        if k in params:
+            if extra is None:
+                extra = []
+            extra.append((k, v))
+        else:
+            params[k] = v
+    return params, extra
+
+
+def _int(text: str, what: str) -> int:
+    try:
+        return int(text, 0) if text else 0
+    except ValueError:
+        raise RemoteProtocolError(f"{what} {text!r} is not a number") from None
+
+
+def _msg_line(line: str, answer: bool) -> FromYate:
+    parts = line.split(":")
+    if len(parts) < 5:
+        raise RemoteProtocolError("message line has fewer than 4 fields", line)
+    mid = parts[1]
+    if "%" in mid:
+        mid = unescape(mid)
+    if answer:
+        handled = parse_bool(parts[2])
+        if handled is None:
+            raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
+        name = unescape(parts[3]) if "%" in parts[3] else parts[3]
+        retval = unescape(parts[4]) if "%" in parts[4] else parts[4]
+        params, extra = _params(parts, 5)
+        msg = Message.from_wire(name, retval, params, extra, id=mid)
+        if mid:
+            return AnswerReceived(mid, handled, msg)
+        return WatchReceived(handled, msg)
+    t = parts[2]
+    if t and not t.isdigit():
+        t_val = _int(t, "time")
+    else:
+        t_val = int(t) if t else 0
+    name = unescape(parts[3]) if "%" in parts[3] else parts[3]
+    retval = unescape(parts[4]) if "%" in parts[4] else parts[4]
+    params, extra = _params(parts, 5)
+    return MessageReceived(Message.from_wire(name, retval, params, extra, id=mid, time=t_val))
+
+
+def _split_last(rest: str, line: str) -> tuple[str, bool]:
+    head, sep, ok = rest.rpartition(":")
+    flag = parse_bool(ok)
+    if not sep or flag is None:
+        raise RemoteProtocolError("reply without a final boolean", line)
+    return head, flag
+
+
+def parse_yate_line(raw: bytes) -> FromYate | None:
+    """Decode one line Yate wrote to the script (without its ``\\n``).
+
+    Returns ``None`` for an empty line (Yate ignores those too). Raises
+    :class:`RemoteProtocolError` for anything Yate's own rules would not produce or accept.
+    """
+    line = _decode(raw)
+    if not line:
+        return None
+    if line.startswith("Error in: "):
+        return ErrorInReceived(line[10:])
+    if _CTRL.search(line):
+        raise RemoteProtocolError("raw control byte in line", line)
+    if line.startswith("%%>message:"):
+        return _msg_line(line, answer=False)
+    if line.startswith("%%<message:"):
+        return _msg_line(line, answer=True)
+    try:
+        if line.startswith("%%<install:") or line.startswith("%%<uninstall:"):
+            body = line.split(":", 1)[1]
+            head, ok = _split_last(body, line)
+            prio, sep, name = head.partition(":")
+            if not sep:
+                raise RemoteProtocolError("install reply without a name", line)
+            cls = InstallReplied if line[3] == "i" else UninstallReplied
+            return cls(_int(prio, "priority"), name, ok)
+        if line.startswith("%%<watch:") or line.startswith("%%<unwatch:"):
+            head, ok = _split_last(line.split(":", 1)[1], line)
+            return (WatchReplied if line[3] == "w" else UnwatchReplied)(head, ok)
+        if line.startswith("%%<setlocal:"):
+            head, ok = _split_last(line[12:], line)
+            name, sep, value = head.partition(":")
+            if not sep:
+                raise RemoteProtocolError("setlocal reply without a value field", line)
+            return SetLocalReplied(name, value, ok)
+    except RemoteProtocolError as e:
+        if e.line is None:
+            e.line = line
+        raise
+    if line == "%%<quit":
+        return QuitReplied()
+    raise RemoteProtocolError("unknown keyword", line)
+
+
+def parse_script_line(raw: bytes) -> FromScript | None:
+    """Decode one line a script writes to Yate, with Yate's field rules (for tools and tests).
+
+    Raw fields come back as written; escaped ones are unescaped.
+    """
+    line = _decode(raw)
+    if not line:
+        return None
+    if _CTRL.search(line):
+        raise RemoteProtocolError("raw control byte in line", line)
+    if line.startswith("%%<message:"):
+        parts = line.split(":")
+        if len(parts) < 5:
+            raise RemoteProtocolError("answer has fewer than 4 fields", line)
+        handled = parse_bool(parts[2])
+        if handled is None:
+            raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
+        changes: list[tuple[str, str | None]] = []
+        for chunk in parts[5:]:
+            if not chunk:
+                continue
+            if chunk.startswith("="):
+                raise RemoteProtocolError("param chunk begins with '='", line)
+            text = unescape(chunk)
+            k, sep, v = text.partition("=")
+            changes.append((k, v if sep else None))
+        return Answer(parts[1], handled, unescape(parts[3]), unescape(parts[4]), tuple(changes))
+    if line.startswith("%%>install:"):
+        rest = line[11:]
+        prio_txt, sep, tail = rest.partition(":")
+        if not sep:
+            # "%%>install:name" -- no priority field at all
+            return Install(prio_txt)
+        try:
+            prio = int(prio_txt, 0) if prio_txt.strip() else None
+        except ValueError:
+            raise RemoteProtocolError(f"bad priority {prio_txt!r}", line) from None
+        name, sep, f = tail.partition(":")
+        fname = fvalue = None
+        if sep:
+            fname, sep2, fv = f.partition(":")
+            fname = unescape(fname)
+            fvalue = unescape(fv) if sep2 else None
+        return Install(name, prio, fname, fvalue)
+    for kw, cls in (("%%>uninstall:", Uninstall), ("%%>watch:", Watch), ("%%>unwatch:", Unwatch)):
+        if line.startswith(kw):
+            return cls(line[len(kw):])
+    if line.startswith("%%>output:"):
+        return Output(line[10:].strip())
+    if line.startswith("%%>debug:"):
+        level, sep, text = line[9:].partition(":")
+        if not sep:
+            raise RemoteProtocolError("debug without a level field", line)
+        try:
+            lvl = int(level)
+        except ValueError:
+            lvl = 10
+        return Debug(min(max(lvl, 1), 10), unescape(text))
+    if line.startswith("%%>setlocal:"):
+        name, sep, value = line[12:].partition(":")
+        if not sep or not name:
+            raise RemoteProtocolError("setlocal needs a name and a ':'", line)
+        return SetLocal(name, value.strip())
+    if line == "%%>quit":
+        return Quit()
+    if line.startswith("%%>connect:"):
+        f = line[11:].split(":")
+        return Connect(f[0], f[1] if len(f) > 1 else None, f[2] if len(f) > 2 else None)
+    if line.startswith("%%>message:"):
+        parts = line.split(":")
+        if len(parts) < 5:
+            raise RemoteProtocolError("message needs ':' after its name", line)
+        t = parts[2]
+        if t and not re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", t):
+            raise RemoteProtocolError(f"bad time {t!r}", line)
+        params: dict[str, str] = {}
+        extra: list[tuple[str, str]] | None = None
+        for chunk in parts[5:]:
+            if not chunk:
+                continue
+            if chunk.startswith("="):
+                raise RemoteProtocolError("param chunk begins with '='", line)
+            k, sep, v = unescape(chunk).partition("=")
+            if not sep:
+                params.pop(k, None)
+                continue
+            params[k] = v  # Yate's setParam: a repeated name updates the first one
+        msg = Message.from_wire(unescape(parts[3]), unescape(parts[4]), params, extra,
+                                id=unescape(parts[1]), time=int(t, 0) if t else 0)
+        return MessageReceived(msg)
+    raise RemoteProtocolError("unknown keyword", line)
+
+
+# --- encoding (script -> Yate) ----------------------------------------------------------------
+
+
+class Encoder:
+    """Builds script->Yate lines and enforces the line limit for the current ``bufsize``.
+
+    ``max_line`` follows what Yate confirmed (``%%<setlocal:bufsize:...:true``); until then it
+    is the default 8190. Every method returns the line as bytes *with* its ``\\n`` or raises.
+    """
+
+    __slots__ = ("max_line",)
+
+    def __init__(self, bufsize: int = DEFAULT_BUFSIZE) -> None:
+        self.max_line = max_line_for(bufsize)
+
+    def _finish(self, line: str, what: str = "line") -> bytes:
+        try:
+            data = line.encode(ENCODING, ERRORS)
+        except UnicodeEncodeError as e:
+            raise LocalProtocolError(f"text cannot be encoded: {e}") from None
+        if len(data) > self.max_line:
+            raise LineTooLong(len(data), self.max_line, what)
+        return data + b"\n"
+
+    def message(self, msg: Message, id: str, time: int = 0) -> bytes:
+        """``%%>message``: dispatch ``msg`` (all its params) under ``id`` (empty: no answer)."""
+        parts = ["%%>message", escape(id), str(time), escape(msg.name), escape(msg.retval)]
+        append = parts.append
+        for k, v in msg.items():
+            if not k or "=" in k:
+                check_param_name(k)
+            append(escape(k) + "=" + escape(v) if v else escape(k) + "=")
+        if len(parts) == 5:
+            parts.append("")  # the ':' after the name is mandatory (§1.4.3)
+        return self._finish(":".join(parts), f"message {msg.name}")
+
+    def answer(self, id: str, handled: bool, name: str, retval: str,
+               changes: dict[str, str | None] | None) -> bytes:
+        """``%%<message``: all four fields always; only the changed params (bare key = delete).
+
+        ``name`` is the new name, or empty to keep it. ``id`` is echoed as received.
+        """
+        line = "%%<message:" + id + (":true:" if handled else ":false:") + escape(name) + ":" + escape(retval)
+        if changes:
+            out = [line]
+            for k, v in changes.items():
+                if not k or "=" in k:
+                    check_param_name(k)
+                out.append(escape(k) if v is None else escape(k) + "=" + escape(v))
+            line = ":".join(out)
+        return self._finish(line, "answer")
+
+    def install(self, name: str, priority: int | None = 100, filter_name: str | None = None,
+                filter_value: str | None = None) -> bytes:
+        check_raw(name, "install name")
+        if not name:
+            raise LocalProtocolError("install needs a message name")
+        # Always write the priority field: without it a filter shifts the fields (Surprise 27).
+        line = f"%%>install:{100 if priority is None else int(priority)}:{name}"
+        if filter_name is not None:
+            if not filter_name:
+                raise LocalProtocolError("empty filter name")
+            line += ":" + escape(filter_name)
+            if filter_value is not None:
+                line += ":" + escape(filter_value)
+        return self._finish(line)
+
+    def _raw_keyword(self, kw: str, name: str) -> bytes:
+        check_raw(name, kw + " name")
+        return self._finish(f"%%>{kw}:{name}")
+
+    def uninstall(self, name: str) -> bytes:
+        return self._raw_keyword("uninstall", name)
+
+    def watch(self, name: str) -> bytes:
+        """``%%>watch``; an empty name watches every message."""
+        return self._raw_keyword("watch", name)
+
+    def unwatch(self, name: str) -> bytes:
+        return self._raw_keyword("unwatch", name)
+
+    def setlocal(self, name: str, value: str | bool | int) -> bytes:
+        """``%%>setlocal``; booleans are written ``true``/``false`` (``1`` is not a boolean)."""
+        if isinstance(value, bool):
+            value = _bool(value)
+        value = str(value)
+        if not name:
+            raise LocalProtocolError("setlocal needs a name")
+        check_raw(name, "setlocal name")
+        check_raw(value, "setlocal value")
+        if value != value.strip():
+            raise LocalProtocolError("setlocal value would be trimmed by Yate")
+        return self._finish(f"%%>setlocal:{name}:{value}")
+
+    def output(self, text: str) -> bytes:
+        """``%%>output``: raw text; control bytes are refused, ``:`` is fine (rest of line)."""
+        if _CTRL.search(text):
+            raise LocalProtocolError("output text cannot contain control characters")
+        return self._finish("%%>output:" + text, "output")
+
+    def debug(self, level: int, text: str) -> bytes:
+        level = min(max(int(level), 1), 10)
+        return self._finish(f"%%>debug:{level}:{escape(text)}", "debug")
+
+    def connect(self, role: str = "global", id: str | None = None, type: str | None = None) -> bytes:
+        if role not in ("global", "channel"):
+            raise LocalProtocolError(f"connect role {role!r}: Yate implements only global and channel")
+        line = "%%>connect:" + role
+        if id is not None:
+            line += ":" + check_raw(id, "connect id")
+            if type is not None:
+                line += ":" + check_raw(type, "connect type")
+        return self._finish(line)
+
+    def quit(self) -> bytes:
+        return b"%%>quit\n"
+
+
+# --- encoding (Yate -> script), for the tools and tests that play Yate -----------------------
+
+
+def _yate_params(items) -> str:
+    return "".join(":" + escape(k).replace("=", "%}") + "=" + escape(v) for k, v in items)
+
+
+def yate_message_line(msg: Message, id: str, time: int = 0) -> bytes:
+    """``%%>message`` as Yate writes it to a script (names escaped with ``=`` -> ``%}``)."""
+    line = f"%%>message:{escape(id)}:{time}:{escape(msg.name)}:{escape(msg.retval)}" + _yate_params(msg.items())
+    return line.encode(ENCODING, ERRORS) + b"\n"
+
+
+def yate_answer_line(msg: Message, id: str, handled: bool) -> bytes:
+    """``%%<message`` as Yate writes an answer (``id`` non-empty) or a watch line (empty id)."""
+    line = f"%%<message:{escape(id)}:{_bool(handled)}:{escape(msg.name)}:{escape(msg.retval)}" + _yate_params(msg.items())
+    return line.encode(ENCODING, ERRORS) + b"\n"
+
+
+def yate_reply_line(reply: FromYate) -> bytes:
+    """The keyword replies, raw as Yate writes them."""
+    if isinstance(reply, InstallReplied):
+        s = f"%%<install:{reply.priority}:{reply.name}:{_bool(reply.success)}"
+    elif isinstance(reply, UninstallReplied):
+        s = f"%%<uninstall:{reply.priority}:{reply.name}:{_bool(reply.success)}"
+    elif isinstance(reply, WatchReplied):
+        s = f"%%<watch:{reply.name}:{_bool(reply.success)}"
+    elif isinstance(reply, UnwatchReplied):
+        s = f"%%<unwatch:{reply.name}:{_bool(reply.success)}"
+    elif isinstance(reply, SetLocalReplied):
+        s = f"%%<setlocal:{reply.name}:{reply.value}:{_bool(reply.success)}"
+    elif isinstance(reply, QuitReplied):
+        s = "%%<quit"
+    elif isinstance(reply, ErrorInReceived):
+        s = "Error in: " + reply.line
+    else:
+        raise LocalProtocolError(f"not a reply: {reply!r}")
+    return s.encode(ENCODING, ERRORS) + b"\n"
