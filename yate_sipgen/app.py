@@ -71,6 +71,7 @@ class App:
             self.config = config_mod.defaults(base)
         g = self.config["general"]
         self.name: str = g["name"]
+        self._mode: str = self.config["connection"]["mode"]
         self.stats = Stats()
         self.engine = Engine(answer_within=(g["timeout"] - g["answer_margin"]) / 1000.0,
                              dispatch_timeout=g["dispatch_timeout"] / 1000.0,
@@ -201,7 +202,8 @@ class App:
 
     @property
     def mode(self) -> str:
-        return self.config["connection"]["mode"]
+        """The transport this run uses (a reload cannot change it)."""
+        return self._mode
 
     # -- running -------------------------------------------------------------------------------
     def setlocals(self) -> list[tuple[str, Any]]:
@@ -336,6 +338,15 @@ class _StatusOnly:
         pass
 
 
+def _stdin_is_pipe() -> bool:
+    import stat
+
+    try:
+        return stat.S_ISFIFO(os.fstat(0).st_mode)
+    except OSError:
+        return False
+
+
 def run(config_path: str) -> int:
     """Entry point for pipe and socket modes; does not return (exits the process).
 
@@ -346,6 +357,12 @@ def run(config_path: str) -> int:
     # Anything printed by mistake must not corrupt the protocol stream on fd 1.
     sys.stdout = sys.stderr
     app = App(config_path)
+    if app.config_error and not _stdin_is_pipe():
+        # Not under Yate (a service or a terminal): say why and exit non-zero; the
+        # supervisor's own back-off applies. Under Yate we stay up instead (see App.__doc__).
+        sys.stderr.write(f"yate-sipgen: bad configuration:\n{app.config_error}\n")
+        sys.stderr.flush()
+        os._exit(2)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     try:

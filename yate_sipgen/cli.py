@@ -47,8 +47,10 @@ def yate_snippets(cfg: config_mod.Config) -> str:
         if not c["send_connect"]:
             out += ["role=global"]
     out += ["", "; --- ysipchan.conf ---", "[general]",
-            "generate=true        ; xsip.generate: how we send SIP requests (read at start only)",
-            "async_generic=true   ; one Yate thread per request: a slow answer stalls nothing"]
+            "; xsip.generate is how we send SIP requests; read only when Yate starts",
+            "generate=true",
+            "; one Yate thread per request, so a slow answer stalls nothing",
+            "async_generic=true"]
     if methods:
         out += ["", "[methods]",
                 "; value = challenge for authentication (yes: Yate authenticates, we get 'username')"]

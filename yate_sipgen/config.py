@@ -15,12 +15,14 @@ is tested against it so that it documents every key with its default.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
 
+_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?")
 _TRUE = ("true", "yes", "on", "enable", "t")
 _FALSE = ("false", "no", "off", "disable", "f")
 
@@ -52,14 +54,15 @@ class Key:
     def parse(self, raw: str, base_dir: str) -> Any:
         raw = raw.strip()
         k = self.kind
-        if k == "bool":
-            low = raw.lower()
-            if low in _TRUE:
+        if k == "bool":  # case-sensitive, as Yate's String::toBoolean
+            if raw in _TRUE:
                 return True
-            if low in _FALSE:
+            if raw in _FALSE:
                 return False
             raise ValueError
         if k in ("int", "float"):
+            if not _NUMBER.fullmatch(raw) or (k == "int" and not raw.lstrip("-").isdigit()):
+                raise ValueError
             v: float = int(raw, 10) if k == "int" else float(raw)
             if (self.minimum is not None and v < self.minimum) or (
                     self.maximum is not None and v > self.maximum):
@@ -170,14 +173,23 @@ def _sections() -> list[str]:
 
 
 def defaults(base_dir: str = ".") -> Config:
+    _load_feature_keys()
     values: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
     for k in SCHEMA:
         values[k.section][k.name] = k.parse(k.show(k.default), base_dir) if k.kind == "path" else k.default
     return Config("", os.path.abspath(base_dir), values)
 
 
+def _load_feature_keys() -> None:
+    """Features declare their keys when imported; make sure they are before any parsing."""
+    from . import features  # noqa: F401  (import for its side effect)
+
+    features.feature_classes()
+
+
 def parse_text(text: str, path: str = "<text>") -> Config:
     """Parse and validate; raises :class:`ConfigError` listing every error found."""
+    _load_feature_keys()
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<text>" else os.getcwd()
     cfg = defaults(base_dir)
     cfg.path = path
@@ -185,6 +197,7 @@ def parse_text(text: str, path: str = "<text>") -> Config:
     known_sections = set(_sections())
     errors: list[str] = []
     section: str | None = None
+    bad_section = False
     for lineno, line in enumerate(text.splitlines(), 1):
         s = line.strip()
         if not s or s[0] in ";#":
@@ -193,9 +206,9 @@ def parse_text(text: str, path: str = "<text>") -> Config:
         if s.startswith("["):
             if not s.endswith("]") or len(s) < 3:
                 errors.append(f"{where}: malformed section header {s!r}")
-                section = None
+                section, bad_section = None, True
                 continue
-            section = s[1:-1].strip()
+            section, bad_section = s[1:-1].strip(), False
             cfg.sections_seen.add(section)
             if section not in known_sections and not _is_extension_section(section):
                 cfg.warnings.append(f"{where}: unknown section [{section}] ignored "
@@ -207,7 +220,8 @@ def parse_text(text: str, path: str = "<text>") -> Config:
             errors.append(f"{where}: expected key=value, got {s!r}")
             continue
         if section is None:
-            errors.append(f"{where}: {name}= appears before any [section]")
+            if not bad_section:
+                errors.append(f"{where}: {name}= appears before any [section]")
             continue
         k = known.get((section, name))
         if k is None:
@@ -226,7 +240,7 @@ def parse_text(text: str, path: str = "<text>") -> Config:
     for check in CHECKS:
         errors.extend(check(cfg))
     if errors:
-        raise ConfigError("\n".join(errors))
+        raise ConfigError("\n".join(errors + [f"warning: {w}" for w in cfg.warnings]))
     return cfg
 
 
@@ -267,6 +281,13 @@ def _check_general(cfg: Config) -> list[str]:
     c = cfg["connection"]
     if c["mode"] != "pipe" and not c["address"]:
         errs.append(f"{cfg.path}: [connection] mode={c['mode']} needs address=")
+    if c["reconnect_min"] > c["reconnect_max"]:
+        errs.append(f"{cfg.path}: [connection] reconnect_min={c['reconnect_min']:g} must not "
+                    f"exceed reconnect_max={c['reconnect_max']:g}")
+    if g["maxqueue"] and g["maxqueue"] <= g["max_in_progress"]:
+        cfg.warnings.append(f"{cfg.path}: [general] maxqueue={g['maxqueue']} is not above "
+                            f"max_in_progress={g['max_in_progress']}: Yate will refuse messages "
+                            "silently before we can answer 503")
     if c["mode"] == "tcp" and c["address"]:
         host, _, port = c["address"].rpartition(":")
         if not host or not port.isdigit():

@@ -95,7 +95,7 @@ class Console:
         partline = msg.get("partline", "")
         partword = msg.get("partword", "")
         words: list[str] = []
-        if partline in ("", "help"):
+        if partline in ("", "help", "status", "debug", "reload"):
             words = [self.name]
         elif partline == self.name:
             words = sorted(self.commands)

@@ -93,6 +93,8 @@ class Engine:
         self._write: Callable[[bytes], None] | None = None
         self._flush_scheduled = False
         self._futures: dict[str, asyncio.Future[Message]] = {}
+        self._expiry: dict[str, tuple[float, asyncio.Future[Message], str, float]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._bg: set[asyncio.Task[Any]] = set()
         self._deadline_timer: asyncio.TimerHandle | None = None
@@ -160,6 +162,7 @@ class Engine:
             if not fut.done():
                 fut.set_exception(DispatchCancelled("connection to Yate closed"))
         self._futures.clear()
+        self._expiry.clear()
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
@@ -364,20 +367,32 @@ class Engine:
         self._futures[mid] = fut
         self._schedule_flush()
         secs = self.dispatch_timeout if timeout is None else timeout
-        # One timer handle instead of asyncio.wait_for: this is on the hot path twice per MESSAGE.
-        timer = self._loop.call_later(secs, self._dispatch_expired, fut, msg.name, secs)
+        # No timer per dispatch (this is on the hot path twice per MESSAGE): one sweeper
+        # checks the pending dispatches a few times a second.
+        self._expiry[mid] = (self._loop.time() + secs, fut, msg.name, secs)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
         try:
             return await fut
         finally:
-            timer.cancel()
+            self._expiry.pop(mid, None)
             self._futures.pop(mid, None)
             if self.session is s:
                 s.forget(mid)
 
-    def _dispatch_expired(self, fut: asyncio.Future[Message], name: str, secs: float) -> None:
-        if not fut.done():
-            self.stats.events["dispatch_timeout"] += 1
-            fut.set_exception(DispatchTimeout(f"{name} got no answer from Yate within {secs:g}s"))
+    SWEEP = 0.05
+
+    def _sweep_dispatches(self) -> None:
+        self._sweeper = None
+        now = self._loop.time()
+        expired = [(mid, v) for mid, v in self._expiry.items() if v[0] <= now]
+        for mid, (_, fut, name, secs) in expired:
+            del self._expiry[mid]
+            if not fut.done():
+                self.stats.events["dispatch_timeout"] += 1
+                fut.set_exception(DispatchTimeout(f"{name} got no answer from Yate within {secs:g}s"))
+        if self._expiry:
+            self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
 
     def enqueue(self, msg: Message) -> None:
         """Fire-and-forget: dispatch with an empty id. Yate never answers it, and (reference

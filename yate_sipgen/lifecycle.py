@@ -38,8 +38,12 @@ class Lifecycle:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(data, f)
             os.replace(tmp, self.path)
-        except OSError:
-            pass  # state dir not writable: no crash counting, never a reason to fail
+        except OSError as e:
+            # never a reason to fail, but the operator must know crash back-off is off
+            import sys
+
+            sys.stderr.write(f"sipgen: cannot write {self.path}: {e}; crash-loop back-off "
+                             "is disabled\n")
 
     def begin(self) -> float:
         """Record a start; returns how long to wait before starting (crash-loop back-off)."""

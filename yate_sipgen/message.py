@@ -145,4 +145,4 @@ class Message:
         return m
 
     def __repr__(self) -> str:
-        return f"Message({self.name!r}, id={self.id!r}, retval={self.retval!r}, params={dict(self.items())!r})"
+        return f"Message({self.name!r}, id={self.id!r}, retval={self.retval!r}, params={list(self.items())!r})"

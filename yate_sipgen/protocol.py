@@ -64,10 +64,35 @@ def _esc_repl(m: re.Match[str], _t: dict[str, str] = _ESC_OUT) -> str:
 
 
 def escape(text: str) -> str:
-    """Escape a field exactly as ``String::msgEscape`` does (no extra character)."""
+    """Escape a field exactly as ``String::msgEscape`` does (no extra character).
+
+    NUL cannot be sent: Yate would write it as ``%@`` but its decoder refuses ``%@``
+    (only ``%A``..``%_`` are accepted), so a NUL raises :class:`LocalProtocolError`.
+    """
     if _SPECIAL.search(text) is None:
         return text
+    if "\x00" in text:
+        raise LocalProtocolError("a NUL byte cannot be sent to Yate (it has no escape for it)")
     return _SPECIAL.sub(_esc_repl, text)
+
+
+_CTRL_NONNUL = re.compile("[\x01-\x1f]")
+
+
+def _escape_joined(text: str, fields: int) -> str:
+    """Escape NUL-joined fields in three C-level passes, then turn NUL into ``:``.
+
+    ``fields`` is the number of fields joined; a NUL inside a field is refused.
+    """
+    if text.count("\x00") != fields - 1:
+        raise LocalProtocolError("a NUL byte cannot be sent to Yate (it has no escape for it)")
+    if "%" in text:
+        text = text.replace("%", "%%")
+    if ":" in text:
+        text = text.replace(":", "%z")
+    if _CTRL_NONNUL.search(text) is not None:
+        text = _CTRL_NONNUL.sub(_esc_repl, text)
+    return text.replace("\x00", ":")
 
 
 def _unesc_repl(m: re.Match[str], _t: dict[str, str] = _UNESC) -> str:
@@ -321,33 +346,80 @@ def _int(text: str, what: str) -> int:
         raise RemoteProtocolError(f"{what} {text!r} is not a number") from None
 
 
+_SENT = "\uffff"  # stands for an escaped '%' while the rest of a line is unescaped
+_CTRL_ESC = re.compile("%(.?)", re.S)
+
+
+def _fields(line: str) -> list[str]:
+    """Split a message line on raw ``:`` and unescape every field, in a few C-level passes.
+
+    This is the hot path: instead of one regex call per field, the separators become NUL
+    (a raw control byte cannot be in the line), then ``%%`` and ``%z`` are replaced over the
+    whole line, and only the rare control escapes go through a regex. Lines with ``%}`` (an
+    ``=`` in a param name) or U+FFFF take the field-by-field path.
+    """
+    if "%" not in line:
+        return line.split(":")
+    if _SENT in line:
+        return [unescape(f) for f in line.split(":")]
+    t = line.replace(":", "\x00").replace("%%", _SENT).replace("%z", ":")
+    if "%" in t:
+        try:
+            t = _CTRL_ESC.sub(_unesc_repl, t)
+        except KeyError:
+            return [unescape(f) for f in line.split(":")]  # raises with the exact place
+    if _SENT in t:
+        t = t.replace(_SENT, "%")
+    return t.split("\x00")
+
+
 def _msg_line(line: str, answer: bool) -> FromYate:
-    parts = line.split(":")
+    if "%}" in line:
+        # an '=' inside a param name: split each chunk on its raw '=' before unescaping
+        raw = line.split(":")
+        if len(raw) < 5:
+            raise RemoteProtocolError("message line has fewer than 4 fields", line)
+        parts = [unescape(f) for f in raw[:5]]
+        params, extra = _params(raw, 5)
+        raw_done = True
+    else:
+        parts = _fields(line)
+        raw_done = False
+        params = {}
+        extra = None
     if len(parts) < 5:
         raise RemoteProtocolError("message line has fewer than 4 fields", line)
+    if not raw_done and len(parts) > 5:
+        chunks = parts[5:]
+        kv = [c.partition("=") for c in chunks]
+        params = {k: v for k, sep, v in kv if sep}
+        if "" in params:
+            raise RemoteProtocolError("a param chunk begins with '='", line)
+        if len(params) != len(chunks):
+            # rare: duplicates (keep the first in params, the rest in order in extra), bare
+            # keys (a delete: no-op on a fresh message) or empty chunks (skipped, as Yate does)
+            params = {}
+            for k, sep, v in kv:
+                if not sep:
+                    continue
+                if k in params:
+                    if extra is None:
+                        extra = []
+                    extra.append((k, v))
+                else:
+                    params[k] = v
     mid = parts[1]
-    if "%" in mid:
-        mid = unescape(mid)
     if answer:
         handled = parse_bool(parts[2])
         if handled is None:
             raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
-        name = unescape(parts[3]) if "%" in parts[3] else parts[3]
-        retval = unescape(parts[4]) if "%" in parts[4] else parts[4]
-        params, extra = _params(parts, 5)
-        msg = Message.from_wire(name, retval, params, extra, id=mid)
+        msg = Message.from_wire(parts[3], parts[4], params, extra, id=mid)
         if mid:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)
     t = parts[2]
-    if t and not t.isdigit():
-        t_val = _int(t, "time")
-    else:
-        t_val = int(t) if t else 0
-    name = unescape(parts[3]) if "%" in parts[3] else parts[3]
-    retval = unescape(parts[4]) if "%" in parts[4] else parts[4]
-    params, extra = _params(parts, 5)
-    return MessageReceived(Message.from_wire(name, retval, params, extra, id=mid, time=t_val))
+    t_val = int(t) if t.isdigit() else _int(t, "time")
+    return MessageReceived(Message.from_wire(parts[3], parts[4], params, extra, id=mid, time=t_val))
 
 
 def _split_last(rest: str, line: str) -> tuple[str, bool]:
@@ -521,15 +593,15 @@ class Encoder:
 
     def message(self, msg: Message, id: str, time: int = 0) -> bytes:
         """``%%>message``: dispatch ``msg`` (all its params) under ``id`` (empty: no answer)."""
-        parts = ["%%>message", escape(id), str(time), escape(msg.name), escape(msg.retval)]
-        append = parts.append
+        fields = [id, str(int(time)), msg.name, msg.retval]
         for k, v in msg.items():
             if not k or "=" in k:
                 check_param_name(k)
-            append(escape(k) + "=" + escape(v) if v else escape(k) + "=")
-        if len(parts) == 5:
-            parts.append("")  # the ':' after the name is mandatory (§1.4.3)
-        return self._finish(":".join(parts), f"message {msg.name}")
+            fields.append(k + "=" + v)
+        if len(fields) == 4:
+            fields.append("")  # the ':' after the name is mandatory (§1.4.3)
+        body = _escape_joined("\x00".join(fields), len(fields))
+        return self._finish("%%>message:" + body, f"message {msg.name}")
 
     def answer(self, id: str, handled: bool, name: str, retval: str,
                changes: dict[str, str | None] | None) -> bytes:
@@ -537,15 +609,15 @@ class Encoder:
 
         ``name`` is the new name, or empty to keep it. ``id`` is echoed as received.
         """
-        line = "%%<message:" + id + (":true:" if handled else ":false:") + escape(name) + ":" + escape(retval)
+        fields = [name, retval]
         if changes:
-            out = [line]
             for k, v in changes.items():
                 if not k or "=" in k:
                     check_param_name(k)
-                out.append(escape(k) if v is None else escape(k) + "=" + escape(v))
-            line = ":".join(out)
-        return self._finish(line, "answer")
+                fields.append(k if v is None else k + "=" + v)
+        body = _escape_joined("\x00".join(fields), len(fields))
+        return self._finish("%%<message:" + id + (":true:" if handled else ":false:") + body,
+                            "answer")
 
     def install(self, name: str, priority: int | None = 100, filter_name: str | None = None,
                 filter_value: str | None = None) -> bytes:
