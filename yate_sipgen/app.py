@@ -91,8 +91,31 @@ class App:
         for f in self.features:
             f.setup(self)
         if not self.config_error:
+            self._load_extensions()
+        if not self.config_error:
             for f in self.features:
                 f.reconfigure(self.config)
+
+    def feature(self, name: str) -> Any:
+        """The running feature called ``name`` (for extensions), or ``None``."""
+        for f in self.features:
+            if getattr(f, "name", None) == name:
+                return f
+        return None
+
+    def _load_extensions(self) -> None:
+        import importlib.util
+
+        for i, path in enumerate(self.config["general"]["extensions"]):
+            try:
+                spec = importlib.util.spec_from_file_location(f"sipgen_extension_{i}", path)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                mod.setup(self)
+            except Exception as e:
+                # a broken extension is a configuration error: say so, run without it
+                self.stats.events["extension_error"] += 1
+                self.config.warnings.append(f"extension {path} failed to load: {e!r}")
 
     # -- logging -------------------------------------------------------------------------------
     def _setup_logging(self) -> None:

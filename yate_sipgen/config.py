@@ -121,6 +121,9 @@ key("general", "restart", "bool", True,
 key("general", "state_dir", "path", "state",
     "Directory for the script's own state (crash counter, databases by default). Relative to "
     "this file's directory.")
+key("general", "extensions", "list", (),
+    "Python files (comma-separated, relative to this file) loaded at start; each defines "
+    "setup(app) to add handlers or console commands. See examples/echo_service.py.")
 key("general", "name", "str", "sipgen",
     "Name used in Yate's console: 'status NAME', 'NAME stats', 'reload NAME'.")
 
@@ -278,6 +281,13 @@ def _check_general(cfg: Config) -> list[str]:
     if g["answer_margin"] >= g["timeout"]:
         errs.append(f"{cfg.path}: [general] answer_margin={g['answer_margin']} must be below "
                     f"timeout={g['timeout']}")
+    g_ext = []
+    for ext in g["extensions"]:
+        path = ext if os.path.isabs(ext) else os.path.normpath(os.path.join(cfg.base_dir, ext))
+        if not os.path.isfile(path):
+            errs.append(f"{cfg.path}: [general] extensions: {ext} ({path}) is not a file")
+        g_ext.append(path)
+    g["extensions"] = tuple(g_ext)
     c = cfg["connection"]
     if c["mode"] != "pipe" and not c["address"]:
         errs.append(f"{cfg.path}: [connection] mode={c['mode']} needs address=")
