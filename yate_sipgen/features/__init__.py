@@ -11,7 +11,9 @@ from typing import Any
 
 
 def feature_classes() -> list[type]:
-    return []
+    from .message import MessageFeature
+
+    return [MessageFeature]
 
 
 def all_features() -> list[Any]:

@@ -1,0 +1,805 @@
+"""SIP MESSAGE (RFC 3428): validate, route through Yate, deliver, answer truthfully, store.
+
+Replaces the regexroute recipe (which answers 200 whatever happens). Paths:
+
+* ``sip.message`` (``ysipchan [message] enable=no`` + ``[methods] message=...``): the main path.
+  Mode ``relay`` answers after the outcome (200/202/failure), ``accept`` answers 202 at once and
+  delivers in the background, ``lateroute`` behaves like the recipe (200 at once, enqueue
+  ``msg.execute callto=lateroute/<called>``).
+* ``msg.execute`` for ``sip/`` targets (``[message] msg_execute=true``), installed ahead of
+  ysipchan's, for MESSAGEs Yate routes itself (``ysipchan [message] enable=yes``); with
+  ``route_offline=true`` we also answer ``call.route route_type=msg`` for users the other
+  routers left offline, routing them to ``sipgen/store/<user@domain>``.
+
+Every answer is a SIP code in ``code`` (handled=true): an unhandled ``sip.message`` would become
+405 (reference §2.3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import config as config_mod
+from ..config import key
+from ..errors import DispatchCancelled, DispatchTimeout
+from ..message import Message
+from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
+from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
+                   new_call_id, new_tag, parse_name_addr, parse_uri)
+from ..store import AsyncStore, SQLiteMessageStore
+from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target
+
+log = logging.getLogger("yate_sipgen.message")
+
+S = "message"
+key(S, "enable", "bool", True, "Handle SIP MESSAGE (sip.message from ysipchan).")
+key(S, "mode", "choice", "relay",
+    "relay: answer after the delivery outcome (200 delivered, 202 stored, or the failure). "
+    "accept: answer 202 at once and deliver in the background (as Asterisk and FreeSWITCH do). "
+    "lateroute: the old regexroute recipe's behaviour (200 at once, msg.execute to "
+    "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
+key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
+    maximum=1000)
+key(S, "auth", "choice", "required",
+    "required: only MESSAGEs Yate authenticated (they carry 'username'; needs ysipchan.conf "
+    "[methods] message=yes) are accepted, others get 403. optional: unauthenticated senders "
+    "are accepted too (ysipchan.conf [methods] message=no: Yate then authenticates nobody).",
+    choices=("required", "optional"))
+key(S, "trusted_lines", "list", (),
+    "Yate lines/trunks (the in_line param, e.g. an SMS gateway) whose MESSAGEs are accepted "
+    "with any From user. '*' trusts every line.")
+key(S, "allow_from_mismatch", "bool", False,
+    "Accept an authenticated MESSAGE whose From user differs from the authenticated username.")
+key(S, "domains", "list", (),
+    "Domains we serve (Request-URI hosts), e.g. example.com,192.0.2.10. A MESSAGE for another "
+    "host gets 403 (no open relay). Empty: every host counts as ours.")
+key(S, "relay_foreign", "bool", False,
+    "Send MESSAGEs for hosts outside 'domains' straight to their Request-URI (authenticated "
+    "senders only) instead of answering 403.")
+key(S, "content_types", "list",
+    ("text/plain", "text/html", "message/cpim", "message/imdn+xml",
+     "application/im-iscomposing+xml"),
+    "Accepted media types (case-insensitive, parameters ignored); others get 415 with Accept.")
+key(S, "max_body", "int", 16384,
+    "Largest body in bytes (413 above). The line we must send onward to Yate also has to fit "
+    "its 64 KiB buffer.", minimum=1, maximum=60000)
+key(S, "store", "bool", True,
+    "Store messages for users who are offline, unreachable or time out, and deliver them when "
+    "they register (store and forward).")
+key(S, "database", "path", "",
+    "SQLite file of stored messages. Empty: messages.db in [general] state_dir.")
+key(S, "expire", "int", 259200, "Seconds a stored message is kept (default 3 days).",
+    minimum=60, maximum=31536000)
+key(S, "expiry_notice", "bool", False,
+    "Tell the sender (by MESSAGE) when a stored message expires undelivered.")
+key(S, "notice_from", "str", "sipgen",
+    "User part of the From of notices we send (the domain is the sender's).")
+key(S, "max_per_user", "int", 100, "Stored messages per recipient; when full: 480.",
+    minimum=1, maximum=1000000)
+key(S, "max_total", "int", 100000, "Stored messages in all; when full: 480.",
+    minimum=1, maximum=100000000)
+key(S, "retry_min", "int", 30, "First retry of a failed stored delivery, in seconds (doubles).",
+    minimum=1, maximum=86400)
+key(S, "retry_max", "int", 3600, "Longest delay between retries, in seconds.", minimum=1,
+    maximum=86400)
+key(S, "scan_interval", "int", 15,
+    "Seconds between scans for due retries and expired messages.", minimum=1, maximum=3600)
+key(S, "delivery_timeout", "int", 40,
+    "Seconds to wait for Yate's answer to one delivery (xsip.generate wait=true; an "
+    "unreachable UDP contact takes Yate about 7.5 s).", minimum=1, maximum=300)
+key(S, "max_concurrent", "int", 200,
+    "Deliveries waiting on Yate at once (each holds a Yate thread).", minimum=1, maximum=10000)
+key(S, "sender_rate", "float", 5.0,
+    "Messages per second one sender may send on average (503 with Retry-After above).",
+    minimum=0.01, maximum=100000)
+key(S, "sender_burst", "int", 20, "Messages one sender may send at once above the rate.",
+    minimum=1, maximum=100000)
+key(S, "other_targets", "choice", "msg.execute",
+    "What to do with a route that is not sip/... (e.g. jabber/...): msg.execute delivers it "
+    "through that channel module; reject answers 404.", choices=("msg.execute", "reject"))
+key(S, "msg_execute", "bool", False,
+    "Also handle msg.execute for sip/ targets (ysipchan [message] enable=yes set-ups, where "
+    "Yate routes MESSAGEs itself). Used only at start.")
+key(S, "msg_execute_priority", "int", 90,
+    "Priority of that msg.execute handler: below ysipchan's 100 so we come first.",
+    minimum=0, maximum=99)
+key(S, "route_offline", "bool", False,
+    "With msg_execute: answer call.route route_type=msg for users the other routers left "
+    "offline, so they are stored (Yate itself would answer 405). Used only at start.")
+key(S, "route_offline_priority", "int", 150,
+    "Priority of that call.route handler: after regfile/regexroute (100).", minimum=101,
+    maximum=10000)
+
+ISCOMPOSING = "application/im-iscomposing+xml"
+#: _deliver_live: the message's stored copy was delivered with the user's backlog.
+SENT_FROM_STORE = -2
+NEVER_AUTO_ANSWER = ("application/im-iscomposing+xml", "message/imdn+xml")
+#: Margin kept before the answer deadline to store the message and answer 202.
+STORE_RESERVE = 0.5
+#: Room on the onward line for everything but the body (headers, params, id).
+LINE_OVERHEAD = 3072
+
+
+def _check_message(cfg: config_mod.Config) -> list[str]:
+    m = cfg["message"]
+    errs = []
+    if m["retry_min"] > m["retry_max"]:
+        errs.append(f"{cfg.path}: [message] retry_min={m['retry_min']} must not exceed "
+                    f"retry_max={m['retry_max']}")
+    if m["route_offline"] and not m["msg_execute"]:
+        errs.append(f"{cfg.path}: [message] route_offline=true needs msg_execute=true")
+    if m["enable"] and not m["domains"]:
+        cfg.warnings.append(f"{cfg.path}: [message] domains is empty: every Request-URI host "
+                            "is treated as ours")
+    return errs
+
+
+config_mod.CHECKS.append(_check_message)
+
+
+@dataclass(slots=True)
+class Inbound:
+    """What we take from one incoming MESSAGE."""
+
+    out: Outgoing
+    rcpt_user: str
+    rcpt_host: str
+    sender_user: str
+    sender_host: str
+    authenticated: bool
+    foreign: bool  # Request-URI host is not ours
+    media: str
+
+
+class _Bucket:
+    __slots__ = ("tokens", "stamp")
+
+    def __init__(self, tokens: float, stamp: float) -> None:
+        self.tokens = tokens
+        self.stamp = stamp
+
+
+class MessageFeature:
+    name = "message"
+
+    def __init__(self) -> None:
+        self.cfg: dict[str, Any] = {}
+        self.app: Any = None
+        self.engine: Any = None
+        self.counters: Any = None
+        self.deliverer: Deliverer | None = None
+        self.store: AsyncStore | None = None
+        self._buckets: dict[str, _Bucket] = {}
+        self._live = 0
+        self._scanner: asyncio.Task[None] | None = None
+        self._queued = 0
+        self.state_dir = ""
+
+    # -- --check support ------------------------------------------------------------------
+    @classmethod
+    def sip_methods(cls, cfg: config_mod.Config) -> dict[str, str]:
+        m = cfg["message"]
+        if not m["enable"]:
+            return {}
+        return {"message": "yes" if m["auth"] == "required" else "no"}
+
+    @classmethod
+    def yate_notes(cls, cfg: config_mod.Config) -> list[str]:
+        m = cfg["message"]
+        if not m["enable"]:
+            return []
+        notes = ["[message] enable=no in ysipchan.conf: MESSAGE reaches us as sip.message"
+                 if not m["msg_execute"] else
+                 "[message] enable=yes in ysipchan.conf: Yate routes MESSAGE itself and we "
+                 "deliver its msg.execute for sip/ targets"]
+        if m["auth"] == "required":
+            notes.append("message=yes: Yate challenges every MESSAGE; only authenticated ones "
+                         "reach us, with 'username'")
+        else:
+            notes.append("message=no: Yate authenticates no MESSAGE and no 'username' arrives; "
+                         "[message] auth=optional accepts unauthenticated senders")
+        notes.append("remove any regexroute.conf MESSAGE recipe: it would also react to the "
+                     "call.route route_type=msg we dispatch")
+        return notes
+
+    # -- Feature protocol ---------------------------------------------------------------------
+    def setup(self, app: Any) -> None:
+        self.app = app
+        self.engine = app.engine
+        self.counters = app.stats.feature("message")
+        self.deliverer = Deliverer(self.engine, self.counters)
+        m = app.config["message"]
+        self.state_dir = app.config["general"]["state_dir"]
+        if not m["enable"]:
+            return
+        self.engine.add_handler("sip.message", self.on_sip_message, priority=m["priority"],
+                                owner="message")
+        self.engine.watcher("user.register")(self.on_register)
+        if m["msg_execute"]:
+            self.engine.add_handler("msg.execute", self.on_msg_execute,
+                                    priority=m["msg_execute_priority"], owner="message")
+            if m["route_offline"]:
+                self.engine.add_handler("call.route", self.on_route_offline,
+                                        priority=m["route_offline_priority"],
+                                        filter=("route_type", "msg"), owner="message")
+        app.console.command("messages", "[user@domain] | purge <user@domain|all>",
+                            "list stored messages, or delete them",
+                            complete=self._complete_messages)(self.cmd_messages)
+
+    def reconfigure(self, cfg: config_mod.Config) -> None:
+        self.cfg = dict(cfg["message"])
+        self.cfg["_types"] = {t.lower() for t in self.cfg["content_types"]}
+        self.cfg["_domains"] = {d.lower() for d in self.cfg["domains"]}
+        self.cfg["_trusted"] = set(self.cfg["trusted_lines"])
+        d = self.deliverer
+        d.configure(max_concurrent=self.cfg["max_concurrent"],
+                    delivery_timeout=float(self.cfg["delivery_timeout"]),
+                    retry_min=float(self.cfg["retry_min"]),
+                    retry_max=float(self.cfg["retry_max"]),
+                    other_targets=self.cfg["other_targets"])
+        d.route_timeout = min(self.engine.dispatch_timeout, 5.0)
+
+    def status(self) -> dict[str, Any]:
+        c = self.counters
+        if not self.cfg.get("enable"):
+            return {}
+        return {"msg_received": c["received"], "msg_delivered": c["delivered"],
+                "msg_stored": c["stored"], "msg_expired": c["expired"],
+                "msg_queued": len(self.deliverer.backlog) if self.deliverer else 0,
+                "msg_inprogress": self._live}
+
+    async def start(self) -> None:
+        if not self.cfg.get("enable") or not self.cfg.get("store"):
+            return
+        path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
+        try:
+            self.store = AsyncStore(await asyncio.get_running_loop().run_in_executor(
+                None, SQLiteMessageStore, path))
+        except Exception as e:
+            log.error("cannot open message store %s: %s; storing is off", path, e)
+            return
+        self.deliverer.store = self.store
+        users = await self.store.users()
+        self.deliverer.backlog.update(users)
+        if users:
+            log.info("%d users have stored messages; trying to deliver", len(users))
+        self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
+
+    async def close(self) -> None:
+        if self._scanner:
+            self._scanner.cancel()
+
+    # -- the sip.message path -----------------------------------------------------------------
+    def _reject(self, msg: Message, code: int, why: str, **headers: str) -> bool:
+        msg["code"] = str(code)
+        for h, v in headers.items():
+            msg["osip_" + h.replace("_", "-")] = v
+        self.counters[f"rejected{code}"] += 1
+        log.info("MESSAGE from %s to %s rejected %d: %s", msg.get("caller", "?"),
+                 msg.get("sip_uri", "?"), code, why)
+        return True
+
+    async def on_sip_message(self, msg: Message) -> bool:
+        c = self.counters
+        c["received"] += 1
+        cfg = self.cfg
+        if cfg["mode"] == "lateroute":
+            return self._lateroute(msg)
+        antiloop = msg.get("antiloop", "")
+        hops = int(antiloop) if antiloop.lstrip("-").isdigit() else 20
+        if hops <= 0:
+            return self._reject(msg, 483, "antiloop exhausted")
+        if "id" in msg:
+            return await self._in_call(msg, hops)
+        if header_param(msg.get("sip_to", ""), "tag"):
+            return self._reject(msg, 481, "To tag of no known dialog")
+        inb = self._inbound(msg, hops)
+        if isinstance(inb, int):
+            return True  # already rejected
+        log.info("Got SIP MESSAGE from %s to %s (%s, %d bytes)", inb.out.sender, inb.out.user,
+                 inb.out.content_type, len(inb.out.body))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("MESSAGE body for %s: %s", inb.out.user, inb.out.body)
+        if not self._rate_ok(inb.out.sender):
+            retry = max(1, math.ceil(1.0 / cfg["sender_rate"]))
+            return self._reject(msg, 503, f"sender {inb.out.sender} over its rate",
+                                Retry_After=str(retry))
+        self._live += 1
+        try:
+            return await self._relay(msg, inb)
+        finally:
+            self._live -= 1
+
+    def _inbound(self, msg: Message, hops: int) -> Inbound | int:
+        cfg = self.cfg
+        ctype_full = msg.get("sip_content-type") or msg.get("xsip_type") or ""
+        media = media_type(msg.get("xsip_type") or ctype_full)
+        accept = ", ".join(cfg["content_types"])
+        if not media:
+            self._reject(msg, 415, "no content type", Accept=accept)
+            return 415
+        if media not in cfg["_types"]:
+            self._reject(msg, 415, f"content type {media}", Accept=accept)
+            return 415
+        body = msg.get("xsip_body", "")
+        extra = {k: v for k, v in msg.items()
+                 if (k.startswith("xsip_body.") or k.startswith("xsip_type.")
+                     or k.startswith("xsip_body_encoding.")) and k != "xsip_body_encoding"}
+        size = len(body.encode("utf-8", "surrogateescape")) + sum(len(v) for v in extra.values())
+        onward = escaped_size(body) + sum(escaped_size(v) for v in extra.values())
+        if size > cfg["max_body"] or onward > max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD:
+            self._reject(msg, 413, f"body of {size} bytes")
+            return 413
+        # who sends
+        frm = parse_name_addr(msg.get("sip_from", ""))
+        if frm is None:
+            self._reject(msg, 400, "unparsable From")
+            return 400
+        username = msg.get("username", "")
+        in_line = msg.get("in_line", "")
+        trusted_line = bool(in_line) and ("*" in cfg["_trusted"] or in_line in cfg["_trusted"])
+        sender_user = frm.uri.user or msg.get("caller", "")
+        if not username and not trusted_line and cfg["auth"] == "required":
+            self._reject(msg, 403, "not authenticated (auth=required)")
+            return 403
+        if (username and not trusted_line and sender_user != username
+                and not cfg["allow_from_mismatch"]):
+            self._reject(msg, 403, f"From user {sender_user} is not the authenticated {username}")
+            return 403
+        if username and not trusted_line:
+            sender_user = username
+        # to whom
+        ruri = parse_uri(msg.get("sip_uri", ""))
+        if ruri is None or not (ruri.user or msg.get("called")):
+            self._reject(msg, 404 if ruri else 400, "no recipient in the Request-URI")
+            return 404 if ruri else 400
+        rcpt_user = ruri.user or msg.get("called", "")
+        foreign = bool(cfg["_domains"]) and ruri.host not in cfg["_domains"]
+        if foreign and not (cfg["relay_foreign"] and (username or trusted_line)):
+            self._reject(msg, 403, f"{ruri.host} is not a domain we serve")
+            return 403
+        try:
+            display = frm.display or msg.get("callername", "")
+            from_uri = f"sip:{sender_user}@{frm.uri.host}" + (
+                f":{frm.uri.port}" if frm.uri.port else "")
+            from_hdr = format_name_addr(from_uri, display)
+            to_hdr = format_name_addr(f"sip:{rcpt_user}@{ruri.host}")
+            header_safe(ctype_full)
+        except HeaderValueError as e:
+            self._reject(msg, 400, str(e))
+            return 400
+        out = Outgoing(user=f"{rcpt_user}@{ruri.host}", sender=f"{sender_user}@{frm.uri.host}",
+                       from_hdr=from_hdr, to_hdr=to_hdr, content_type=ctype_full, body=body,
+                       body_encoding=msg.get("xsip_body_encoding", ""), extra=extra,
+                       call_id=new_call_id(), from_tag=new_tag(), received=time.time(),
+                       antiloop=hops - 1 if hops > 1 else 1, caller=sender_user,
+                       called=rcpt_user,
+                       notify_sender=bool(username or trusted_line) and
+                       media not in NEVER_AUTO_ANSWER and not self.is_automatic(msg))
+        if hops - 1 <= 0:
+            self._reject(msg, 483, "no hop left to forward")
+            return 483
+        return Inbound(out, rcpt_user, ruri.host, sender_user, frm.uri.host,
+                       bool(username), foreign, media)
+
+    def is_automatic(self, msg: Message) -> bool:
+        """A message that no automatic sender (notices, services) may ever answer."""
+        if media_type(msg.get("xsip_type", "")) in NEVER_AUTO_ANSWER:
+            return True
+        if msg.get("sip_auto-submitted", "no").lower() != "no":
+            return True
+        if not msg.get("username") and not msg.get("in_line"):
+            return True
+        frm = parse_name_addr(msg.get("sip_from", ""))
+        if frm is None or frm.uri.user == self.cfg.get("notice_from"):
+            return True
+        domains = self.cfg.get("_domains")
+        return bool(domains) and frm.uri.host not in domains
+
+    def _rate_ok(self, sender: str) -> bool:
+        now = time.monotonic()
+        rate, burst = self.cfg["sender_rate"], self.cfg["sender_burst"]
+        b = self._buckets.get(sender)
+        if b is None:
+            if len(self._buckets) > 10000:
+                self._buckets = {k: v for k, v in self._buckets.items()
+                                 if v.tokens + (now - v.stamp) * rate < burst}
+            b = self._buckets[sender] = _Bucket(float(burst), now)
+        b.tokens = min(float(burst), b.tokens + (now - b.stamp) * rate)
+        b.stamp = now
+        if b.tokens < 1.0:
+            self.counters["rate_limited"] += 1
+            return False
+        b.tokens -= 1.0
+        return True
+
+    async def _route(self, inb: Inbound, msg: Message | None, timeout: float) -> Route:
+        if inb.foreign:  # relay_foreign: straight to the Request-URI
+            return Route([Target("sip/" + f"sip:{inb.rcpt_user}@{inb.rcpt_host}")])
+        params = {"caller": inb.sender_user, "domain": inb.sender_host,
+                  "called": inb.rcpt_user, "called_domain": inb.rcpt_host,
+                  "module": "sipgen", "xsip_type": inb.out.content_type}
+        if msg is not None:
+            for k in ("username", "callername", "in_line", "ip_host", "ip_port", "ip_transport",
+                      "address", "connection_id", "antiloop", "sip_uri", "billid"):
+                v = msg.get(k)
+                if v:
+                    params[k] = v
+        return await self.deliverer.route(inb.rcpt_user, inb.rcpt_host, params,
+                                          timeout=max(timeout, 0.05))
+
+    async def _route_key(self, user: str) -> Route:
+        """Route a stored message's recipient (``user@domain``) for a retry run."""
+        u, _, host = user.rpartition("@")
+        try:
+            return await self.deliverer.route(u, host, {"caller": "", "called": u,
+                                                        "called_domain": host,
+                                                        "module": "sipgen"})
+        except (DispatchTimeout, DispatchCancelled):
+            return Route([], 480, offline=True)
+
+    async def _relay(self, msg: Message, inb: Inbound) -> bool:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        out = inb.out
+        if cfg["mode"] == "accept":
+            msg["code"] = "202"
+            self.engine.answer_now(msg)
+            self.counters["accepted"] += 1
+        state = _LiveState()
+        timer = None
+        if not msg.answered:
+            timer = loop.call_at(max(msg.deadline - STORE_RESERVE, loop.time()),
+                                 self._deadline_reached, msg, out, inb.media, state)
+        try:
+            try:
+                route = await self._route(inb, msg, msg.deadline - STORE_RESERVE - loop.time()
+                                          if not msg.answered else self.deliverer.route_timeout)
+            except DispatchTimeout:
+                route = Route([], 503)
+            except DispatchCancelled:
+                route = Route([], 500)
+            if route.targets:
+                code = await self._deliver_live(out, route.targets, state)
+            else:
+                code = route.code
+                if route.offline:
+                    code = 0 if code == 480 else code
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if state.storing is not None:  # the deadline came first: 202 (or 480) already sent
+            await state.storing
+            await self._settle_late(out, state, code, route)
+            return True
+        if 200 <= code < 300:
+            self.counters["delivered"] += 1
+            return self._answer(msg, code)
+        if code == -1 or code in STORE_WORTHY or route.offline:
+            if await self._store(out, inb.media):
+                return self._answer(msg, 202)
+        return self._answer(msg, self._failure_code(code, route))
+
+    def _answer(self, msg: Message, code: int) -> bool:
+        if not msg.answered:
+            msg["code"] = str(code)
+            if code >= 300:
+                self.counters[f"rejected{code}"] += 1
+        return True
+
+    @staticmethod
+    def _failure_code(code: int, route: Route) -> int:
+        """The truthful failure for the sender (reference §2.3: no reason phrase, no headers)."""
+        if code == -1 or code == 0:
+            return 480
+        if code == 401 or code == 407:
+            return 500  # the target challenged us: we cannot relay its challenge
+        if 300 <= code < 400:
+            return 480  # its Contact header never reaches us
+        if code == 503:
+            return 480
+        if code == 504:
+            return 408
+        return code
+
+    async def _deliver_live(self, out: Outgoing, targets: list[Target],
+                            state: "_LiveState") -> int:
+        """Send under the user's lock, after their stored backlog; -1: queued behind it."""
+        d = self.deliverer
+        async with d.lock(out.user):
+            if out.user in d.backlog and self.store is not None:
+                if state.storing is not None:
+                    await state.storing  # our own copy must be in the store, or not, for sure
+                ok = await d.flush_user(out.user, targets, None, due_only=False, hold_lock=False)
+                if state.stored_id:
+                    # stored at the deadline: that copy went (or not) with the backlog
+                    return SENT_FROM_STORE if ok else -1
+                if not ok:
+                    return -1
+            return await d.send(out, targets)
+
+    def _deadline_reached(self, msg: Message, out: Outgoing, media: str,
+                          state: "_LiveState") -> None:
+        if msg.answered:
+            return
+        state.storing = self.engine.spawn(self._store_at_deadline(msg, out, media, state),
+                                          "deadline store")
+
+    async def _store_at_deadline(self, msg: Message, out: Outgoing, media: str,
+                                 state: "_LiveState") -> None:
+        self.counters["deadline"] += 1
+        lease_until = time.time() + self.deliverer.lease
+        stored = await self._store(out, media, lease_until=lease_until)
+        if stored:
+            state.stored_id = out.stored_id
+            self._answer(msg, 202)
+        else:
+            self._answer(msg, 480)
+        self.engine.answer_now(msg)
+        log.info("delivery to %s still running at the answer deadline: answered %s",
+                 out.user, msg.get("code"))
+
+    async def _settle_late(self, out: Outgoing, state: "_LiveState", code: int,
+                           route: Route) -> None:
+        """The live attempt ended after we stored a copy: never leave both to be sent."""
+        if not state.stored_id or self.store is None or code == SENT_FROM_STORE:
+            return
+        if 200 <= code < 300:
+            await self.store.delete(state.stored_id)
+            self.counters["delivered"] += 1
+            self.counters["stored"] -= 1
+            await self._forget_if_empty(out.user)
+        elif not route.targets and not route.offline:
+            await self.store.delete(state.stored_id)  # no such user after all
+            self.counters["stored"] -= 1
+            await self._forget_if_empty(out.user)
+        else:
+            await self.store.release(state.stored_id, 1, time.time() + self.deliverer.backoff(1))
+
+    async def _forget_if_empty(self, user: str) -> None:
+        if self.store is not None and not await self.store.count(user):
+            self.deliverer.backlog.discard(user)
+
+    async def _store(self, out: Outgoing, media: str, lease_until: float = 0.0) -> bool:
+        """Store durably (committed before we answer 202); False when we may not."""
+        cfg = self.cfg
+        if self.store is None or not cfg["store"] or media == ISCOMPOSING or out.auto:
+            return False
+        if await self.store.count(out.user) >= cfg["max_per_user"]:
+            self.counters["store_full"] += 1
+            log.warning("not storing for %s: %d stored messages is the per-user limit",
+                        out.user, cfg["max_per_user"])
+            return False
+        if await self.store.count() >= cfg["max_total"]:
+            self.counters["store_full"] += 1
+            log.warning("not storing for %s: the store is full (%d)", out.user,
+                        cfg["max_total"])
+            return False
+        row = out.to_stored(out.received + cfg["expire"])
+        row.next_try = time.time() + self.deliverer.retry_min
+        try:
+            out.stored_id = await self.store.add(
+                row, self.deliverer.owner if lease_until else "", lease_until)
+        except Exception as e:
+            log.error("storing a message for %s failed: %s", out.user, e)
+            return False
+        self.deliverer.backlog.add(out.user)
+        self.counters["stored"] += 1
+        log.info("stored message %d for %s (offline or unreachable)", out.stored_id, out.user)
+        return True
+
+    # -- in-call MESSAGE ------------------------------------------------------------------
+    async def _in_call(self, msg: Message, hops: int) -> bool:
+        peer = msg.get("peerid", "")
+        if not peer:
+            return self._reject(msg, 481, "call has no other party")
+        media = media_type(msg.get("xsip_type", ""))
+        if not media:
+            return self._reject(msg, 415, "no content type",
+                                Accept=", ".join(self.cfg["content_types"]))
+        if peer.startswith("sip/"):
+            m = Message("xsip.generate", {"method": "MESSAGE", "id": peer, "wait": "true",
+                                          "antiloop": str(max(hops - 1, 1)),
+                                          "xsip_type": msg.get("sip_content-type") or
+                                          msg.get("xsip_type", ""),
+                                          "xsip_body": msg.get("xsip_body", "")})
+            if msg.get("xsip_body_encoding"):
+                m["xsip_body_encoding"] = msg["xsip_body_encoding"]
+        else:
+            m = Message("chan.text", {"id": peer, "targetid": peer,
+                                      "text": msg.get("xsip_body", "")})
+        try:
+            ans = await self.engine.dispatch(
+                m, timeout=max(msg.deadline - asyncio.get_running_loop().time() - 0.2, 0.05))
+        except (DispatchTimeout, DispatchCancelled):
+            return self._answer(msg, 408)
+        if m.name == "chan.text":
+            return self._answer(msg, 200 if ans.handled else 480)
+        code = ans.get("code", "")
+        code_i = int(code) if code.isdigit() else 0
+        if 200 <= code_i < 300:
+            self.counters["delivered"] += 1
+        return self._answer(msg, code_i if code_i >= 200 else 480)
+
+    # -- recipe compatibility -------------------------------------------------------------
+    def _lateroute(self, msg: Message) -> bool:
+        if not msg.get("xsip_type"):
+            return self._reject(msg, 415, "no content type",
+                                Accept=", ".join(self.cfg["content_types"]))
+        caller, called = msg.get("caller", ""), msg.get("called", "")
+        domain = msg.get("domain", "")
+        m = Message("msg.execute", {"callto": f"lateroute/{called}", "caller": caller,
+                                    "called": called, "domain": domain,
+                                    "sip_From": f"<sip:{caller}@{domain}>",
+                                    "xsip_type": msg.get("xsip_type", ""),
+                                    "xsip_body": msg.get("xsip_body", "")})
+        for k in ("username", "xsip_body_encoding", "antiloop"):
+            if msg.get(k):
+                m[k] = msg[k]
+        log.info("Got SIP MESSAGE from %s to %s (lateroute)", caller, called)
+        self.engine.enqueue(m)
+        return self._answer(msg, 200)
+
+    # -- Yate's own MESSAGE routing (ysipchan [message] enable=yes) ------------------------
+    async def on_msg_execute(self, msg: Message) -> bool:
+        callto = msg.get("callto", "")
+        if not (callto.startswith("sip/") or callto.startswith("sipgen/store/")):
+            return False
+        self.counters["received"] += 1
+        antiloop = msg.get("antiloop", "")
+        hops = int(antiloop) if antiloop.lstrip("-").isdigit() else 20
+        if hops <= 0:
+            return self._reject(msg, 483, "antiloop exhausted")
+        inb = self._inbound(msg, hops)
+        if isinstance(inb, int):
+            return True
+        log.info("Got SIP MESSAGE from %s to %s via Yate's routing (%s)", inb.out.sender,
+                 inb.out.user, callto)
+        if callto.startswith("sipgen/store/"):
+            return self._answer(msg, 202 if await self._store(inb.out, inb.media) else 480)
+        target = Target(callto, msg.get("oconnection_id") or "")
+        self._live += 1
+        try:
+            code = await self._deliver_live(inb.out, [target], _LiveState())
+        finally:
+            self._live -= 1
+        if 200 <= code < 300:
+            self.counters["delivered"] += 1
+            return self._answer(msg, code)
+        if (code == -1 or code in STORE_WORTHY) and await self._store(inb.out, inb.media):
+            return self._answer(msg, 202)
+        return self._answer(msg, self._failure_code(code, Route([target])))
+
+    def on_route_offline(self, msg: Message) -> bool:
+        if msg.get("error") != "offline" or not self.cfg.get("store") or self.store is None:
+            return False
+        ruri = parse_uri(msg.get("sip_uri", ""))
+        user = (ruri.user if ruri else "") or msg.get("called", "")
+        if not user or ruri is None:
+            return False
+        msg.retval = f"sipgen/store/{user}@{ruri.host}"
+        del msg["error"]
+        return True
+
+    # -- store and forward ----------------------------------------------------------------
+    def on_register(self, msg: Message) -> None:
+        """A registration: deliver the user's stored messages to the contact just registered."""
+        if not msg.handled or self.store is None:
+            return
+        user = msg.get("username") or msg.get("number") or ""
+        uri = parse_uri(msg.get("sip_uri", ""))
+        if not user or uri is None:
+            return
+        keyname = f"{user}@{uri.host}"
+        if keyname not in self.deliverer.backlog:
+            return
+        data = msg.get("data", "")
+        if not data.startswith("sip/"):
+            return
+        target = Target(data, msg.get("oconnection_id") or msg.get("connection_id") or "")
+        log.info("%s registered with stored messages: delivering to %s", keyname, data[4:])
+        self.engine.spawn(self.deliverer.flush_user(keyname, [target], None, due_only=False),
+                          f"stored delivery to {keyname}")
+
+    async def _scan_loop(self) -> None:
+        first = True
+        while True:
+            try:
+                await self._scan(initial=first)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("stored message scan failed")
+            first = False
+            await asyncio.sleep(self.cfg["scan_interval"])
+
+    async def _scan(self, initial: bool = False) -> None:
+        store = self.store
+        now = time.time()
+        for row in await store.take_expired(now):
+            self.counters["expired"] += 1
+            log.info("stored message %d for %s expired undelivered", row.id, row.user)
+            if self.cfg["expiry_notice"] and row.notify_sender:
+                self.engine.spawn(self._notice(row), "expiry notice")
+        users = await (store.users() if initial else store.users_due(now))
+        for user in users:
+            if self.deliverer.lock(user).locked():
+                continue
+            self.engine.spawn(self.deliverer.flush_user(user, None, self._route_key,
+                                                        due_only=not initial),
+                              f"stored delivery to {user}")
+
+    async def _notice(self, row: Any) -> None:
+        sender_user, _, sender_host = row.sender.rpartition("@")
+        text = (f"Your message to {row.user} of "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(row.received))} "
+                "could not be delivered and has expired.")
+        await self.submit(f"{self.cfg['notice_from']}@{sender_host}", row.sender,
+                          "text/plain;charset=utf-8", text)
+
+    async def submit(self, sender: str, recipient: str, content_type: str, body: str,
+                     display: str = "") -> int:
+        """Send an automatic MESSAGE (a notice, a service's reply). Never stored; returns the
+        SIP code. Marked ``Auto-Submitted`` so no automatic sender answers it."""
+        r_user, _, r_host = recipient.rpartition("@")
+        s_user, _, s_host = sender.rpartition("@")
+        out = Outgoing(user=recipient, sender=sender,
+                       from_hdr=format_name_addr(f"sip:{sender}", display),
+                       to_hdr=format_name_addr(f"sip:{recipient}"), content_type=content_type,
+                       body=body, call_id=new_call_id(), from_tag=new_tag(),
+                       received=time.time(), caller=s_user, called=r_user, auto=True)
+        try:
+            route = await self.deliverer.route(r_user, r_host, {"caller": s_user,
+                                                                "domain": s_host,
+                                                                "module": "sipgen"})
+        except (DispatchTimeout, DispatchCancelled):
+            return 408
+        if not route.targets:
+            return route.code or 480
+        return await self.deliverer.send(out, route.targets)
+
+    # -- console ----------------------------------------------------------------------------
+    def _complete_messages(self, words: list[str]) -> list[str]:
+        if not words:
+            return ["purge"] + sorted(self.deliverer.backlog)
+        if words == ["purge"]:
+            return ["all"] + sorted(self.deliverer.backlog)
+        return []
+
+    async def cmd_messages(self, args: list[str]) -> str:
+        if self.store is None:
+            return "Message store is off ([message] store=false or not opened).\r\n"
+        if args[:1] == ["purge"]:
+            if len(args) != 2:
+                return "Usage: messages purge <user@domain|all>\r\n"
+            who = None if args[1] == "all" else args[1]
+            n = await self.store.purge(who)
+            if who is None:
+                self.deliverer.backlog.clear()
+            else:
+                self.deliverer.backlog.discard(who)
+            return f"Purged {n} stored message(s).\r\n"
+        who = args[0] if args else None
+        rows = await self.store.list(who)
+        if not rows:
+            return "No stored messages.\r\n"
+        lines = [f"{'id':>6} {'to':<28} {'from':<28} {'age':>7} {'tries':>5} type"]
+        now = time.time()
+        for r in rows:
+            lines.append(f"{r.id:>6} {r.user:<28} {r.sender:<28} {int(now - r.received):>6}s "
+                         f"{r.attempts:>5} {r.content_type} ({len(r.body)} bytes)")
+        return "\r\n".join(lines) + "\r\n"
+
+
+@dataclass(slots=True)
+class _LiveState:
+    """A live delivery racing its answer deadline."""
+
+    storing: "asyncio.Future[None] | None" = None
+    stored_id: int = 0

@@ -1,0 +1,283 @@
+"""Persistent storage of messages waiting for delivery, behind one small interface.
+
+:class:`MessageStore` is what the MESSAGE feature uses; :class:`SQLiteMessageStore` implements
+it on an embedded SQLite database (WAL, ``synchronous=FULL``: a row is on disk when ``add``
+returns, so a 202 sent after it is never a lie). A shared-database backend only has to provide
+the same methods.
+
+Several script instances may share one database: a delivery run *claims* a user's oldest rows
+with a lease (owner + expiry) inside one write transaction, so two instances never send the same
+stored message at the same time, and rows are always taken in order (a user's backlog is not
+claimed at all while its oldest row is leased elsewhere).
+
+:class:`AsyncStore` runs every call in one dedicated thread: SQLite work (and its fsync) never
+blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import time
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StoredMessage:
+    """One MESSAGE kept for later delivery. ``user`` and ``sender`` are ``user@domain`` keys."""
+
+    user: str
+    sender: str
+    from_hdr: str  # From header value for the delivery (no tag)
+    to_hdr: str
+    content_type: str
+    body: str
+    body_encoding: str = ""
+    extra: dict[str, str] = field(default_factory=dict)  # other body params (xsip_body.N, ...)
+    call_id: str = ""
+    from_tag: str = ""
+    received: float = 0.0
+    expires: float = 0.0
+    attempts: int = 0
+    next_try: float = 0.0
+    notify_sender: bool = False
+    id: int = 0
+
+    def size(self) -> int:
+        return len(self.body) + sum(len(v) for v in self.extra.values())
+
+
+class MessageStore(ABC):
+    """Storage of messages for offline users (synchronous; wrap with :class:`AsyncStore`)."""
+
+    @abstractmethod
+    def add(self, msg: StoredMessage, lease_owner: str = "", lease_until: float = 0.0) -> int:
+        """Store durably; returns the new id. A lease keeps it from being claimed meanwhile."""
+
+    @abstractmethod
+    def count(self, user: str | None = None) -> int: ...
+
+    @abstractmethod
+    def claim(self, user: str, owner: str, lease_until: float, now: float, limit: int,
+              due_only: bool = True) -> list[StoredMessage]:
+        """Lease the user's oldest rows, in order, stopping at the first one not claimable.
+
+        A row is claimable when its lease has run out or is ``owner``'s own (a copy stored
+        while its live delivery was still running), and, with ``due_only``, when its retry
+        time has come.
+        """
+
+    @abstractmethod
+    def delete(self, msg_id: int) -> None: ...
+
+    @abstractmethod
+    def release(self, msg_id: int, attempts: int, next_try: float) -> None:
+        """Give a row back after a failed attempt, to be tried again at ``next_try``."""
+
+    @abstractmethod
+    def unlease(self, msg_id: int) -> None:
+        """Give a row back untouched (the attempt did not happen)."""
+
+    @abstractmethod
+    def users_due(self, now: float) -> list[str]: ...
+
+    @abstractmethod
+    def users(self) -> list[str]: ...
+
+    @abstractmethod
+    def take_expired(self, now: float, limit: int = 500) -> list[StoredMessage]:
+        """Remove and return rows past their expiry (not currently leased)."""
+
+    @abstractmethod
+    def list(self, user: str | None = None, limit: int = 1000) -> list[StoredMessage]: ...
+
+    @abstractmethod
+    def purge(self, user: str | None = None) -> int: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    user TEXT NOT NULL,
+    sender TEXT NOT NULL,
+    from_hdr TEXT NOT NULL,
+    to_hdr TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    body BLOB NOT NULL,
+    body_encoding TEXT NOT NULL DEFAULT '',
+    extra TEXT NOT NULL DEFAULT '{}',
+    call_id TEXT NOT NULL,
+    from_tag TEXT NOT NULL,
+    received REAL NOT NULL,
+    expires REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL DEFAULT 0,
+    notify_sender INTEGER NOT NULL DEFAULT 0,
+    lease_owner TEXT NOT NULL DEFAULT '',
+    lease_until REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_user ON messages(user, id);
+CREATE INDEX IF NOT EXISTS messages_expires ON messages(expires);
+"""
+
+_COLS = ("id, user, sender, from_hdr, to_hdr, content_type, body, body_encoding, extra, call_id, "
+         "from_tag, received, expires, attempts, next_try, notify_sender")
+
+
+def _row(r: tuple[Any, ...]) -> StoredMessage:
+    try:
+        extra = json.loads(r[8]) if r[8] else {}
+    except ValueError:
+        extra = {}
+    return StoredMessage(id=r[0], user=r[1], sender=r[2], from_hdr=_unblob(r[3]),
+                         to_hdr=_unblob(r[4]), content_type=_unblob(r[5]), body=_unblob(r[6]), body_encoding=r[7], extra=extra,
+                         call_id=r[9], from_tag=r[10], received=r[11], expires=r[12],
+                         attempts=r[13], next_try=r[14], notify_sender=bool(r[15]))
+
+
+def _blob(s: str) -> bytes:
+    # Bodies are str with surrogate escapes for non-UTF-8 bytes: keep the exact bytes.
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _unblob(b: bytes | str) -> str:
+    return b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b
+
+
+class SQLiteMessageStore(MessageStore):
+    def __init__(self, path: str) -> None:
+        d = os.path.dirname(os.path.abspath(path))
+        os.makedirs(d, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(_SCHEMA)
+
+    def add(self, msg: StoredMessage, lease_owner: str = "", lease_until: float = 0.0) -> int:
+        cur = self.db.execute(
+            "INSERT INTO messages (user, sender, from_hdr, to_hdr, content_type, body, "
+            "body_encoding, extra, call_id, from_tag, received, expires, attempts, next_try, "
+            "notify_sender, lease_owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (msg.user, msg.sender, _blob(msg.from_hdr), _blob(msg.to_hdr),
+             _blob(msg.content_type), _blob(msg.body),
+             msg.body_encoding, json.dumps(msg.extra),
+             msg.call_id, msg.from_tag, msg.received, msg.expires, msg.attempts, msg.next_try,
+             int(msg.notify_sender), lease_owner, lease_until))
+        msg.id = int(cur.lastrowid)
+        return msg.id
+
+    def count(self, user: str | None = None) -> int:
+        if user is None:
+            return int(self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        return int(self.db.execute("SELECT COUNT(*) FROM messages WHERE user=?",
+                                   (user,)).fetchone()[0])
+
+    def claim(self, user: str, owner: str, lease_until: float, now: float, limit: int,
+              due_only: bool = True) -> list[StoredMessage]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.db.execute(
+                f"SELECT {_COLS}, lease_until, lease_owner FROM messages WHERE user=? "
+                "ORDER BY id LIMIT ?", (user, limit)).fetchall()
+            taken: list[StoredMessage] = []
+            for r in rows:
+                if (r[16] > now and r[17] != owner) or (due_only and r[14] > now):
+                    break  # keep the order: never skip past a row we cannot take
+                taken.append(_row(r))
+            if taken:
+                self.db.executemany("UPDATE messages SET lease_owner=?, lease_until=? WHERE id=?",
+                                    [(owner, lease_until, m.id) for m in taken])
+            self.db.execute("COMMIT")
+            return taken
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def delete(self, msg_id: int) -> None:
+        self.db.execute("DELETE FROM messages WHERE id=?", (msg_id,))
+
+    def release(self, msg_id: int, attempts: int, next_try: float) -> None:
+        self.db.execute("UPDATE messages SET attempts=?, next_try=?, lease_owner='', "
+                        "lease_until=0 WHERE id=?", (attempts, next_try, msg_id))
+
+    def unlease(self, msg_id: int) -> None:
+        self.db.execute("UPDATE messages SET lease_owner='', lease_until=0 WHERE id=?", (msg_id,))
+
+    def users_due(self, now: float) -> list[str]:
+        # a user is due when their *oldest* row is due and not leased
+        rows = self.db.execute(
+            "SELECT m.user FROM messages m JOIN (SELECT user, MIN(id) AS first FROM messages "
+            "GROUP BY user) f ON m.id = f.first WHERE m.next_try <= ? AND m.lease_until <= ?",
+            (now, now)).fetchall()
+        return [r[0] for r in rows]
+
+    def users(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT DISTINCT user FROM messages")]
+
+    def take_expired(self, now: float, limit: int = 500) -> list[StoredMessage]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            rows = self.db.execute(
+                f"SELECT {_COLS} FROM messages WHERE expires <= ? AND lease_until <= ? "
+                "ORDER BY id LIMIT ?", (now, now, limit)).fetchall()
+            self.db.executemany("DELETE FROM messages WHERE id=?", [(r[0],) for r in rows])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return [_row(r) for r in rows]
+
+    def list(self, user: str | None = None, limit: int = 1000) -> list[StoredMessage]:
+        if user is None:
+            rows = self.db.execute(f"SELECT {_COLS} FROM messages ORDER BY user, id LIMIT ?",
+                                   (limit,)).fetchall()
+        else:
+            rows = self.db.execute(f"SELECT {_COLS} FROM messages WHERE user=? ORDER BY id "
+                                   "LIMIT ?", (user, limit)).fetchall()
+        return [_row(r) for r in rows]
+
+    def purge(self, user: str | None = None) -> int:
+        if user is None:
+            cur = self.db.execute("DELETE FROM messages")
+        else:
+            cur = self.db.execute("DELETE FROM messages WHERE user=?", (user,))
+        return cur.rowcount
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class AsyncStore:
+    """Runs a :class:`MessageStore` in one dedicated thread; every method is awaitable."""
+
+    def __init__(self, store: MessageStore) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sipgen-store")
+
+    def __getattr__(self, name: str):
+        fn = getattr(self.store, name)
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kw))
+
+        return call
+
+    def close(self) -> None:
+        self._pool.submit(self.store.close)
+        self._pool.shutdown(wait=True)
+
+
+def now() -> float:
+    return time.time()
