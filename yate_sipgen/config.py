@@ -306,3 +306,38 @@ def _check_general(cfg: Config) -> list[str]:
 
 
 CHECKS.append(_check_general)
+
+
+#: One paragraph per section for the example file.
+SECTION_DOCS: dict[str, str] = {
+    "general": "The engine: timeouts, limits, restart behaviour, state directory, console name.",
+    "connection": "How yate-sipgen reaches Yate: started by Yate itself (mode=pipe, the usual "
+                  "way), or run as a separate service that connects to an extmodule.conf "
+                  "[listener] (tcp, unix).",
+}
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    import textwrap
+
+    return ["; " + ln for ln in textwrap.wrap(text, width - 2)]
+
+
+def render_example(header: str, trailers: dict[str, str] | None = None) -> str:
+    """``examples/sipgen.conf``: every key with its doc and its default, section by section."""
+    _load_feature_keys()
+    out = [header.rstrip("\n"), ""]
+    for section in _sections():
+        out += ["", f"[{section}]"]
+        if section in SECTION_DOCS:
+            out += _wrap(SECTION_DOCS[section])
+        out.append("")
+        for k in SCHEMA:
+            if k.section != section:
+                continue
+            allowed = k.allowed() if k.kind != "path" else "a path"
+            out += [f"; {k.name}: {allowed}"] + _wrap(k.doc)
+            out += [f"{k.name}={k.show(k.default)}", ""]
+        if trailers and section in trailers:
+            out += [trailers[section].rstrip("\n")]
+    return "\n".join(out).rstrip("\n") + "\n"

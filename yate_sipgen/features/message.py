@@ -38,6 +38,10 @@ from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target
 log = logging.getLogger("yate_sipgen.message")
 
 S = "message"
+config_mod.SECTION_DOCS[S] = (
+    "SIP MESSAGE (instant messages): who may send to whom, validation limits, how the sender is "
+    "answered, and the offline store. Needs ysipchan.conf [methods] message=... and [message] "
+    "enable=no (or msg_execute=true for Yate's own MESSAGE routing).")
 key(S, "enable", "bool", True, "Handle SIP MESSAGE (sip.message from ysipchan).")
 key(S, "mode", "choice", "relay",
     "relay: answer after the delivery outcome (200 delivered, 202 stored, or the failure). "
@@ -134,9 +138,6 @@ def _check_message(cfg: config_mod.Config) -> list[str]:
                     f"retry_max={m['retry_max']}")
     if m["route_offline"] and not m["msg_execute"]:
         errs.append(f"{cfg.path}: [message] route_offline=true needs msg_execute=true")
-    if m["enable"] and not m["domains"]:
-        cfg.warnings.append(f"{cfg.path}: [message] domains is empty: every Request-URI host "
-                            "is treated as ours")
     return errs
 
 
@@ -206,6 +207,9 @@ class MessageFeature:
                          "[message] auth=optional accepts unauthenticated senders")
         notes.append("remove any regexroute.conf MESSAGE recipe: it would also react to the "
                      "call.route route_type=msg we dispatch")
+        if not m["domains"]:
+            notes.append("NOTE: [message] domains is empty: every Request-URI host is treated "
+                         "as ours; list your domains to refuse others with 403")
         return notes
 
     # -- Feature protocol ---------------------------------------------------------------------
@@ -255,7 +259,11 @@ class MessageFeature:
                 "msg_inprogress": self._live}
 
     async def start(self) -> None:
-        if not self.cfg.get("enable") or not self.cfg.get("store"):
+        if not self.cfg.get("enable"):
+            return
+        if not self.cfg["domains"]:
+            log.warning("[message] domains is empty: every Request-URI host is treated as ours")
+        if not self.cfg.get("store"):
             return
         path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
         try:
