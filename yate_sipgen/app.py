@@ -388,9 +388,19 @@ def run(config_path: str) -> int:
         os._exit(2)
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    profile_to = os.environ.get("YATE_SIPGEN_PROFILE")  # developers: cProfile output file
+    prof = None
+    if profile_to:
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     try:
         code = loop.run_until_complete(app.run())
     except KeyboardInterrupt:
         code = 0
+    if prof is not None:
+        prof.disable()
+        prof.dump_stats(profile_to)
     sys.stderr.flush()
     os._exit(code)

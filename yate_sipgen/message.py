@@ -16,6 +16,12 @@ from collections.abc import Iterable, Iterator, Mapping
 _DELETED = None  # marker in Message.changes for "send a bare key": delete every such param
 
 
+class Reset(str):
+    """A change that deletes every copy of a param and then sets one (``k:k=v``)."""
+
+    __slots__ = ()
+
+
 class Message:
     """A Yate message: name, return value, params; with change tracking for answers.
 
@@ -100,6 +106,10 @@ class Message:
         self.params[key] = value
         if self.changes is None:
             self.changes = {}
+        elif key in self.changes and (self.changes[key] is None or type(self.changes[key]) is Reset):
+            # deleted (every copy) earlier: Yate must delete them too, then set one
+            self.changes[key] = Reset(value)
+            return
         self.changes[key] = value
 
     def __delitem__(self, key: str) -> None:

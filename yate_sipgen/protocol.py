@@ -41,6 +41,10 @@ def max_line_for(bufsize: int) -> int:
     return bufsize - 2
 
 
+#: setlocal names whose value Yate parses as a boolean (reference §1.4.7).
+BOOL_SETTINGS = frozenset(("restart", "timebomb", "reenter", "setdata", "settime", "selfwatch",
+                           "disconnected"))
+
 TRUE_WORDS = frozenset(("true", "yes", "on", "enable", "t"))
 FALSE_WORDS = frozenset(("false", "no", "off", "disable", "f"))
 
@@ -339,11 +343,32 @@ def _params(chunks: list[str], start: int) -> tuple[dict[str, str], list[tuple[s
     return params, extra
 
 
+_C_NUMBER = re.compile(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]{0,18})")
+
+
+def c_number(text: str) -> int | None:
+    """Parse like C's ``strtol(text, NULL, 0)`` on the whole field: ``0x10`` is 16, ``010``
+    is 8; ``None`` for anything else (including non-ASCII digits)."""
+    m = _C_NUMBER.fullmatch(text)
+    if m is None:
+        return None
+    digits = m.group(2)
+    if digits[:2] in ("0x", "0X"):
+        v = int(digits, 16)
+    elif len(digits) > 1 and digits[0] == "0":
+        v = int(digits, 8)
+    else:
+        v = int(digits)
+    return -v if m.group(1) == "-" else v
+
+
 def _int(text: str, what: str) -> int:
-    try:
-        return int(text, 0) if text else 0
-    except ValueError:
-        raise RemoteProtocolError(f"{what} {text!r} is not a number") from None
+    if not text:
+        return 0
+    v = c_number(text)
+    if v is None:
+        raise RemoteProtocolError(f"{what} {text[:40]!r} is not a number")
+    return v
 
 
 _SENT = "\uffff"  # stands for an escaped '%' while the rest of a line is unescaped
@@ -418,7 +443,7 @@ def _msg_line(line: str, answer: bool) -> FromYate:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)
     t = parts[2]
-    t_val = int(t) if t.isdigit() else _int(t, "time")
+    t_val = int(t) if (t.isascii() and t.isdigit() and len(t) < 20) else _int(t, "time")
     return MessageReceived(Message.from_wire(parts[3], parts[4], params, extra, id=mid, time=t_val))
 
 
@@ -441,7 +466,8 @@ def parse_yate_line(raw: bytes) -> FromYate | None:
         return None
     if line.startswith("Error in: "):
         return ErrorInReceived(line[10:])
-    if _CTRL.search(line):
+    # isprintable() is a C loop; the regex only runs for lines with non-ASCII text
+    if not (line.isascii() and line.isprintable()) and _CTRL.search(line):
         raise RemoteProtocolError("raw control byte in line", line)
     if line.startswith("%%>message:"):
         return _msg_line(line, answer=False)
@@ -486,6 +512,12 @@ def parse_script_line(raw: bytes) -> FromScript | None:
         raise RemoteProtocolError("raw control byte in line", line)
     if line.startswith("%%<message:"):
         parts = line.split(":")
+        if len(parts) == 4 and parts[3] == "":
+            # "%%<message:<id>:<bool>:" -- Yate's special form: everything unchanged
+            handled = parse_bool(parts[2])
+            if handled is None:
+                raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
+            return Answer(parts[1], handled, "", "", ())
         if len(parts) < 5:
             raise RemoteProtocolError("answer has fewer than 4 fields", line)
         handled = parse_bool(parts[2])
@@ -508,7 +540,9 @@ def parse_script_line(raw: bytes) -> FromScript | None:
             # "%%>install:name" -- no priority field at all
             return Install(prio_txt)
         try:
-            prio = int(prio_txt, 0) if prio_txt.strip() else None
+            prio = None if not prio_txt.strip() else c_number(prio_txt)
+            if prio is None and prio_txt.strip():
+                raise ValueError
         except ValueError:
             raise RemoteProtocolError(f"bad priority {prio_txt!r}", line) from None
         name, sep, f = tail.partition(":")
@@ -522,7 +556,7 @@ def parse_script_line(raw: bytes) -> FromScript | None:
         if line.startswith(kw):
             return cls(line[len(kw):])
     if line.startswith("%%>output:"):
-        return Output(line[10:].strip())
+        return Output(line[10:].strip(" \t"))
     if line.startswith("%%>debug:"):
         level, sep, text = line[9:].partition(":")
         if not sep:
@@ -536,7 +570,7 @@ def parse_script_line(raw: bytes) -> FromScript | None:
         name, sep, value = line[12:].partition(":")
         if not sep or not name:
             raise RemoteProtocolError("setlocal needs a name and a ':'", line)
-        return SetLocal(name, value.strip())
+        return SetLocal(name, value.strip(" \t"))
     if line == "%%>quit":
         return Quit()
     if line.startswith("%%>connect:"):
@@ -547,8 +581,9 @@ def parse_script_line(raw: bytes) -> FromScript | None:
         if len(parts) < 5:
             raise RemoteProtocolError("message needs ':' after its name", line)
         t = parts[2]
-        if t and not re.fullmatch(r"0[xX][0-9a-fA-F]+|[0-9]+", t):
-            raise RemoteProtocolError(f"bad time {t!r}", line)
+        t_num = c_number(t) if t else 0
+        if t_num is None or t_num < 0:
+            raise RemoteProtocolError(f"bad time {t[:40]!r}", line)
         params: dict[str, str] = {}
         extra: list[tuple[str, str]] | None = None
         for chunk in parts[5:]:
@@ -562,7 +597,7 @@ def parse_script_line(raw: bytes) -> FromScript | None:
                 continue
             params[k] = v  # Yate's setParam: a repeated name updates the first one
         msg = Message.from_wire(unescape(parts[3]), unescape(parts[4]), params, extra,
-                                id=unescape(parts[1]), time=int(t, 0) if t else 0)
+                                id=unescape(parts[1]), time=t_num)
         return MessageReceived(msg)
     raise RemoteProtocolError("unknown keyword", line)
 
@@ -593,8 +628,12 @@ class Encoder:
 
     def message(self, msg: Message, id: str, time: int = 0) -> bytes:
         """``%%>message``: dispatch ``msg`` (all its params) under ``id`` (empty: no answer)."""
+        if not 0 <= time <= 0xFFFFFFFF:
+            raise LocalProtocolError(f"message time {time} is not a 32-bit unsigned number")
         fields = [id, str(int(time)), msg.name, msg.retval]
-        for k, v in msg.items():
+        # Only the first value of each name: Yate keeps one param per name from a script's
+        # message ("d=1:d=2" becomes d=2), and msg[k] is the first value on our side.
+        for k, v in msg.params.items():
             if not k or "=" in k:
                 check_param_name(k)
             fields.append(k + "=" + v)
@@ -609,12 +648,19 @@ class Encoder:
 
         ``name`` is the new name, or empty to keep it. ``id`` is echoed as received.
         """
+        if not id or ":" in id or _CTRL.search(id):
+            raise LocalProtocolError(f"answer id {id[:40]!r} cannot be matched by Yate")
         fields = [name, retval]
         if changes:
             for k, v in changes.items():
                 if not k or "=" in k:
                     check_param_name(k)
-                fields.append(k if v is None else k + "=" + v)
+                if v is None:
+                    fields.append(k)
+                else:
+                    if type(v) is not str:  # Reset: delete every copy, then set one
+                        fields.append(k)
+                    fields.append(k + "=" + v)
         body = _escape_joined("\x00".join(fields), len(fields))
         return self._finish("%%<message:" + id + (":true:" if handled else ":false:") + body,
                             "answer")
@@ -624,8 +670,13 @@ class Encoder:
         check_raw(name, "install name")
         if not name:
             raise LocalProtocolError("install needs a message name")
+        prio = 100 if priority is None else int(priority)
+        if not 0 <= prio < 2 ** 31 - 1:
+            raise LocalProtocolError(f"install priority {prio} is outside 0..2147483646")
+        if filter_value is not None and filter_name is None:
+            raise LocalProtocolError("a filter value needs a filter name")
         # Always write the priority field: without it a filter shifts the fields (Surprise 27).
-        line = f"%%>install:{100 if priority is None else int(priority)}:{name}"
+        line = f"%%>install:{prio}:{name}"
         if filter_name is not None:
             if not filter_name:
                 raise LocalProtocolError("empty filter name")
@@ -655,6 +706,9 @@ class Encoder:
         value = str(value)
         if not name:
             raise LocalProtocolError("setlocal needs a name")
+        if name in BOOL_SETTINGS and value not in ("true", "false"):
+            raise LocalProtocolError(f"setlocal {name} takes true or false, not {value!r} "
+                                     "(Yate would ignore it silently)")
         check_raw(name, "setlocal name")
         check_raw(value, "setlocal value")
         if value != value.strip():

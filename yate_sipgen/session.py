@@ -85,6 +85,9 @@ class Session:
             except RemoteProtocolError as e:
                 events.append(BadLineReceived(raw, e))
                 continue
+            except (ValueError, OverflowError) as e:  # never let one line stop the reader
+                events.append(BadLineReceived(raw, RemoteProtocolError(f"unparsable: {e}")))
+                continue
             if ev is None:
                 continue
             events.append(ev)
@@ -149,16 +152,18 @@ class Session:
         or not ours). If the answer would be too long for Yate's buffer, the minimal fallback
         answer (:meth:`answer_failure`) is written instead and the error is returned.
         """
-        if self.incoming.pop(msg.id, None) is None:
+        if msg.id not in self.incoming:
             raise LocalProtocolError(f"message {msg.name} id {msg.id!r} is not waiting for an answer")
-        msg.answered = True
-        msg.handled = handled
         name = msg.name if msg.name != msg.original_name else ""
         try:
-            self._out.append(self.encoder.answer(msg.id, handled, name, msg.retval, msg.changes))
-        except LineTooLong as e:
-            self._out.append(self._failure_line(msg, 500))
-            return e
+            line = self.encoder.answer(msg.id, handled, name, msg.retval, msg.changes)
+        except LocalProtocolError as e:  # too long, or a change Yate cannot take
+            self.answer_failure(msg, 500)
+            return e if isinstance(e, LineTooLong) else LineTooLong(0, 0, f"answer ({e.reason})")
+        del self.incoming[msg.id]
+        msg.answered = True
+        msg.handled = handled
+        self._out.append(line)
         return None
 
     def answer_failure(self, msg: Message, code: int = 500, retry_after: str | None = None) -> None:
@@ -171,7 +176,15 @@ class Session:
             raise LocalProtocolError(f"message {msg.name} id {msg.id!r} is not waiting for an answer")
         msg.answered = True
         msg.handled = is_sip(msg.original_name)
-        self._out.append(self._failure_line(msg, code, retry_after))
+        try:
+            self._out.append(self._failure_line(msg, code, retry_after))
+        except LineTooLong:
+            # the original retval itself is too long to echo: for sip.* the code decides and
+            # the retval may be cleared; otherwise "%%<message:<id>:false:" changes nothing
+            if msg.handled:
+                self._out.append(self.encoder.answer(msg.id, True, "", "", {"code": str(code)}))
+            else:
+                self._out.append(f"%%<message:{msg.id}:false:\n".encode(p.ENCODING, p.ERRORS))
 
     def _failure_line(self, msg: Message, code: int, retry_after: str | None = None) -> bytes:
         if is_sip(msg.original_name):
@@ -209,6 +222,11 @@ class Session:
 
     def setlocal(self, name: str, value: str | bool | int) -> None:
         self._out.append(self.encoder.setlocal(name, value))
+        if name == "bufsize" and str(value).strip().isdigit():
+            # Yate applies a smaller buffer as soon as it reads this line: so must we
+            new = min(max(int(value), p.MIN_BUFSIZE), p.MAX_BUFSIZE)
+            if new < self.bufsize:
+                self.set_bufsize(new)
 
     def output(self, text: str) -> None:
         self._out.append(self.encoder.output(text))
