@@ -326,7 +326,10 @@ class Engine:
     def _on_watch(self, ev: p.WatchReceived) -> None:
         msg = ev.message
         msg.handled = ev.handled
-        funcs = self.watchers.get(msg.name, ()) or self.watchers.get("", ())
+        funcs = self.watchers.get(msg.name, ())
+        anyname = self.watchers.get("")
+        if anyname:  # a wildcard watch sees every message, besides the named watchers
+            funcs = [*funcs, *anyname]
         for func in funcs:
             try:
                 r = func(msg)

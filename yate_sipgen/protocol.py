@@ -94,6 +94,10 @@ def _escape_joined(text: str, fields: int) -> str:
         text = text.replace("%", "%%")
     if ":" in text:
         text = text.replace(":", "%z")
+    if "\n" in text:
+        text = text.replace("\n", "%J")
+    if "\r" in text:
+        text = text.replace("\r", "%M")
     if _CTRL_NONNUL.search(text) is not None:
         text = _CTRL_NONNUL.sub(_esc_repl, text)
     return text.replace("\x00", ":")
@@ -161,14 +165,14 @@ def _bool(value: bool) -> str:
 # --- typed lines ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built once per line on the hot path
 class MessageReceived:
     """``%%>message`` from Yate: it waits for our answer (or, script->Yate, our dispatch)."""
 
     message: Message
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AnswerReceived:
     """``%%<message`` with a non-empty id: Yate's answer to a message we dispatched."""
 
@@ -388,6 +392,9 @@ def _fields(line: str) -> list[str]:
     if _SENT in line:
         return [unescape(f) for f in line.split(":")]
     t = line.replace(":", "\x00").replace("%%", _SENT).replace("%z", ":")
+    if "%" in t:
+        # CR and LF (bodies) are the common control escapes: no regex callback for them
+        t = t.replace("%M", "\r").replace("%J", "\n")
     if "%" in t:
         try:
             t = _CTRL_ESC.sub(_unesc_repl, t)

@@ -7,6 +7,7 @@ and other control characters) with :class:`HeaderValueError`.
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from dataclasses import dataclass
@@ -84,8 +85,20 @@ class NameAddr:
     tag: str  # ";tag=" value or ""
 
 
+_SIMPLE_NA = re.compile(
+    r'(?:"([^"\\]*)"\s*)?<(sips?):([A-Za-z0-9\-_.!~*\'()&=+$,?/%]+)@([A-Za-z0-9.-]+)(?::(\d{1,5}))?>'
+    r'(?:;tag=([A-Za-z0-9\-_.!~*\'()+%]+))?')
+
+
 def parse_name_addr(text: str) -> NameAddr | None:
     """Parse a From/To value: ``"Display" <uri>;tag=x``, ``Display <uri>`` or a bare URI."""
+    m = _SIMPLE_NA.fullmatch(text)
+    if m is not None:  # the usual shape, in one regex match (hot path)
+        port = int(m.group(5)) if m.group(5) else None
+        if port is None or 0 < port < 65536:
+            return NameAddr(m.group(1) or "", SipUri(m.group(2).lower(), m.group(3),
+                                                     m.group(4).lower(), port, ""),
+                            m.group(6) or "")
     text = text.strip()
     display = ""
     if "<" in text:
@@ -165,17 +178,29 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
+_ID_PREFIX = secrets.token_hex(8)  # random per process; a counter makes each id unique
+_id_counter = itertools.count(1)
+
+
 def new_tag() -> str:
-    return secrets.token_hex(6)
+    return f"{_ID_PREFIX[:8]}{next(_id_counter):x}"
 
 
 def new_call_id(host: str = "sipgen") -> str:
-    return f"{secrets.token_hex(12)}@{host}"
+    """Globally unique without a system call per id: process-random prefix + counter."""
+    return f"{_ID_PREFIX}{next(_id_counter):x}@{host}"
+
+
+_date_cache: tuple[int, str] = (-1, "")
 
 
 def http_date(epoch: float) -> str:
-    """RFC 1123 date as the SIP ``Date`` header wants it (always GMT)."""
-    return formatdate(epoch, usegmt=True)
+    """RFC 1123 date as the SIP ``Date`` header wants it (always GMT); cached per second."""
+    global _date_cache
+    sec = int(epoch)
+    if _date_cache[0] != sec:
+        _date_cache = (sec, formatdate(sec, usegmt=True))
+    return _date_cache[1]
 
 
 #: Yate's error names -> SIP codes (the part of ysipchan's table, sip.cpp:67-105, we need).
