@@ -265,9 +265,9 @@ class App:
 
     def _announce(self) -> None:
         if self.config_error:
+            # %%>output is unconditional: the operator sees it whatever the debug level
             text = f"{self.name}: cannot start, bad configuration: {self.config_error}"
             self.engine.send_keyword("output", logbridge.safe(text.replace("\n", " | ")))
-            log.log(logbridge.CONF, "%s", text)
         for w in self.config.warnings:
             log.log(logbridge.CONF, "%s", w)
 
@@ -286,6 +286,9 @@ class App:
                              f"waiting {delay:g}s before starting\n")
         reader, wt = await open_pipes(self.engine.feed, lost)
         if delay:
+            wt.write(p.Encoder().output(
+                f"{self.name}: crashed {self.lifecycle.crashes} times in a row; waiting "
+                f"{delay:g}s before starting (see {self.lifecycle.path})"))
             # Nothing is installed yet, so Yate has nothing to send us meanwhile.
             done, _ = await asyncio.wait([self._stop], timeout=delay)
             if done:

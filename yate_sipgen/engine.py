@@ -220,12 +220,16 @@ class Engine:
         if route.all_sync:
             self._run_sync(msg, route)
             return
-        if len(self._tasks) >= self.max_in_progress:
+        if len(self._tasks) >= self.max_in_progress and is_sip(msg.name):
+            # shed SIP load only: console commands and engine messages still run
             self.stats.events["overload"] += 1
             self._fail(msg, 503, RETRY_AFTER)
             return
         self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
-        if self._deadline_timer is None:
+        timer = self._deadline_timer
+        if timer is None or msg.deadline < timer.when():  # earlier after a reload shortened it
+            if timer is not None:
+                timer.cancel()
             self._arm_deadline(msg.deadline)
 
     def _run_sync(self, msg: Message, route: _Route) -> None:

@@ -21,8 +21,9 @@ NOTE = 25
 logging.addLevelName(CONF, "CONF")
 logging.addLevelName(NOTE, "NOTE")
 
-_TO_YATE = [(logging.CRITICAL, 2), (CONF, 3), (logging.ERROR, 5), (logging.WARNING, 6),
-            (NOTE, 7), (logging.INFO, 9), (logging.DEBUG, 10)]
+# Errors and warnings both land on DebugWarn, which Yate shows at its default level (5).
+_TO_YATE = [(logging.CRITICAL, 2), (CONF, 3), (logging.WARNING, 5), (NOTE, 7),
+            (logging.INFO, 9), (logging.DEBUG, 10)]
 
 _UNSAFE = re.compile("[\x00-\x1f\x7f\x80-\x9f\u2028\u2029\ud800-\udfff]")
 

@@ -195,16 +195,20 @@ class Session:
         return self.encoder.answer(msg.id, False, "", msg.original_retval, None)
 
     def overdue(self, now: float) -> Iterator[Message]:
-        """Messages whose deadline has come, oldest first (answer each before continuing)."""
-        for msg in list(self.incoming.values()):
-            if msg.deadline > now:
-                break
+        """Messages whose deadline has come, in arrival order.
+
+        Every pending message is looked at: deadlines are not monotonic in arrival order once
+        a reload has shortened ``answer_within``. (This runs only when the deadline timer
+        fires, not per message.)
+        """
+        for msg in [m for m in self.incoming.values() if m.deadline <= now]:
             yield msg
 
     def next_deadline(self) -> float | None:
-        for msg in self.incoming.values():
-            return msg.deadline
-        return None
+        """The earliest deadline of a message still waiting for our answer."""
+        if not self.incoming:
+            return None
+        return min(m.deadline for m in self.incoming.values())
 
     # -- keywords ----------------------------------------------------------------------------
     def install(self, name: str, priority: int = 100, filter_name: str | None = None,
