@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -150,7 +152,9 @@ class Deliverer:
         self.engine = engine
         self.counters = counters
         self.store: AsyncStore | None = None
-        self.owner = f"sipgen-{id(self):x}-{int(time.time())}"
+        # unique per instance even for two identical processes started in the same second
+        # (id() repeats across processes without address randomisation)
+        self.owner = f"sipgen-{os.getpid()}-{secrets.token_hex(4)}"
         self.backlog: set[str] = set()  # users with stored rows (this instance's view)
         self._locks: dict[str, asyncio.Lock] = {}
         self._sem = asyncio.Semaphore(200)
@@ -282,7 +286,9 @@ class Deliverer:
             return True
         if hold_lock:
             async with self.lock(user):
-                return await self._flush(user, targets, route, due_only, stop_at)
+                done = await self._flush(user, targets, route, due_only, stop_at)
+            self._drop_lock(user)  # inside the lock it could not go: one Lock per user forever
+            return done
         return await self._flush(user, targets, route, due_only, stop_at)
 
     async def _flush(self, user: str, targets: list[Target] | None,

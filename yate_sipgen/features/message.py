@@ -520,17 +520,21 @@ class MessageFeature:
                             state: "_LiveState") -> int:
         """Send under the user's lock, after their stored backlog; -1: queued behind it."""
         d = self.deliverer
-        async with d.lock(out.user):
-            if out.user in d.backlog and self.store is not None:
-                if state.storing is not None:
-                    await state.storing  # our own copy must be in the store, or not, for sure
-                ok = await d.flush_user(out.user, targets, None, due_only=False, hold_lock=False)
-                if state.stored_id:
-                    # stored at the deadline: that copy went (or not) with the backlog
-                    return SENT_FROM_STORE if ok else -1
-                if not ok:
-                    return -1
-            return await d.send(out, targets)
+        try:
+            async with d.lock(out.user):
+                if out.user in d.backlog and self.store is not None:
+                    if state.storing is not None:
+                        await state.storing  # our own copy must be in the store, or not, for sure
+                    ok = await d.flush_user(out.user, targets, None, due_only=False,
+                                            hold_lock=False)
+                    if state.stored_id:
+                        # stored at the deadline: that copy went (or not) with the backlog
+                        return SENT_FROM_STORE if ok else -1
+                    if not ok:
+                        return -1
+                return await d.send(out, targets)
+        finally:
+            d._drop_lock(out.user)  # not kept for every recipient ever seen
 
     def _deadline_reached(self, msg: Message, out: Outgoing, media: str,
                           state: "_LiveState") -> None:
@@ -563,7 +567,7 @@ class MessageFeature:
             self.counters["delivered"] += 1
             self.counters["stored"] -= 1
             await self._forget_if_empty(out.user)
-        elif not route.targets and not route.offline:
+        elif not route.targets and not route.offline and route.code not in STORE_WORTHY:
             await self.store.delete(state.stored_id)  # no such user after all
             self.counters["stored"] -= 1
             await self._forget_if_empty(out.user)
@@ -608,9 +612,13 @@ class MessageFeature:
         if not peer:
             return self._reject(msg, 481, "call has no other party")
         media = media_type(msg.get("xsip_type", ""))
-        if not media:
-            return self._reject(msg, 415, "no content type",
+        if not media or media not in self.cfg["_types"]:
+            return self._reject(msg, 415, f"content type {media or '(none)'}",
                                 Accept=", ".join(self.cfg["content_types"]))
+        body = msg.get("xsip_body", "")
+        if (len(body.encode("utf-8", "surrogateescape")) > self.cfg["max_body"]
+                or escaped_size(body) > max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD):
+            return self._reject(msg, 413, f"body of {len(body)} characters")
         if peer.startswith("sip/"):
             m = Message("xsip.generate", {"method": "MESSAGE", "id": peer, "wait": "true",
                                           "antiloop": str(max(hops - 1, 1)),
@@ -633,7 +641,8 @@ class MessageFeature:
         code_i = int(code) if code.isdigit() else 0
         if 200 <= code_i < 300:
             self.counters["delivered"] += 1
-        return self._answer(msg, code_i if code_i >= 200 else 480)
+            return self._answer(msg, code_i)
+        return self._answer(msg, self._failure_code(code_i if code_i >= 200 else 0, Route([])))
 
     # -- recipe compatibility -------------------------------------------------------------
     def _lateroute(self, msg: Message) -> bool:
@@ -672,11 +681,22 @@ class MessageFeature:
         if callto.startswith("sipgen/store/"):
             return self._answer(msg, 202 if await self._store(inb.out, inb.media) else 480)
         target = Target(callto, msg.get("oconnection_id") or "")
+        # Unanswered at Yate's timeout, the message would go on to ysipchan's own msg.execute
+        # handler and be sent a second time: store it and answer 202 at the deadline instead.
+        loop = asyncio.get_running_loop()
+        state = _LiveState()
+        timer = loop.call_at(max(msg.deadline - STORE_RESERVE, loop.time()),
+                             self._deadline_reached, msg, inb.out, inb.media, state)
         self._live += 1
         try:
-            code = await self._deliver_live(inb.out, [target], _LiveState())
+            code = await self._deliver_live(inb.out, [target], state)
         finally:
+            timer.cancel()
             self._live -= 1
+        if state.storing is not None:  # the deadline came first: 202 (or 480) already sent
+            await state.storing
+            await self._settle_late(inb.out, state, code, Route([target]))
+            return True
         if 200 <= code < 300:
             self.counters["delivered"] += 1
             return self._answer(msg, code)
@@ -730,11 +750,14 @@ class MessageFeature:
     async def _scan(self, initial: bool = False) -> None:
         store = self.store
         now = time.time()
-        for row in await store.take_expired(now):
+        expired = await store.take_expired(now)
+        for row in expired:
             self.counters["expired"] += 1
             log.info("stored message %d for %s expired undelivered", row.id, row.user)
             if self.cfg["expiry_notice"] and row.notify_sender:
                 self.engine.spawn(self._notice(row), "expiry notice")
+        for user in {row.user for row in expired}:
+            await self._forget_if_empty(user)
         users = await (store.users() if initial else store.users_due(now))
         for user in users:
             if self.deliverer.lock(user).locked():
