@@ -33,8 +33,8 @@ def setup(app) -> None:
     @app.engine.handler("sip.message", priority=10, owner="echo")
     async def echo(msg) -> bool:
         ruri = parse_uri(msg.get("sip_uri", ""))
-        if ruri is None or ruri.user != SERVICE_USER:
-            return False  # not for us: the MESSAGE feature handles it
+        if ruri is None or ruri.user != SERVICE_USER or not messages.serves(ruri.host):
+            return False  # not for us: the MESSAGE feature handles (or refuses) it
         msg["code"] = "200"
         app.engine.answer_now(msg)  # answer first: the reply is a separate request
         if messages.is_automatic(msg) or media_type(msg.get("xsip_type", "")) not in (

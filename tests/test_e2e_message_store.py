@@ -470,9 +470,6 @@ def test_slow_delivery_with_store_off_is_answered_480_before_yates_timeout(
     run(scenario)
 
 
-@pytest.mark.xfail(strict=True, reason="stored rows do not keep the inbound antiloop: a stored "
-                   "copy goes out with antiloop=20 (Outgoing.from_stored default), so "
-                   "Max-Forwards is reset instead of falling")
 def test_stored_delivery_keeps_the_decremented_antiloop(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with started(tmp_path) as y:

@@ -255,6 +255,10 @@ class App:
             self.lifecycle = Lifecycle(self.config["general"]["state_dir"])
             delay = self.lifecycle.begin()
             loop.call_later(STABLE_AFTER, self.lifecycle.stable)
+            for f in self.features:
+                prepare = getattr(f, "prepare", None)
+                if prepare is not None:
+                    prepare()  # e.g. open databases before Yate can hand us anything
         if self.mode == "pipe":
             code = await self._run_pipe(delay)
         else:

@@ -28,9 +28,12 @@ def yate_snippets(cfg: config_mod.Config) -> str:
 
     methods: dict[str, str] = {}
     notes: list[str] = []
+    sections: dict[str, list[str]] = {}
     for cls in feature_classes():
         methods.update(cls.sip_methods(cfg))
         notes.extend(cls.yate_notes(cfg))
+        for name, lines in getattr(cls, "ysipchan_sections", lambda c: {})(cfg).items():
+            sections.setdefault(name, []).extend(lines)
     conf = os.path.abspath(cfg.path) if cfg.path else ""
     c = cfg["connection"]
     out = ["; --- extmodule.conf ---"]
@@ -51,6 +54,8 @@ def yate_snippets(cfg: config_mod.Config) -> str:
             "generate=true",
             "; one Yate thread per request, so a slow answer stalls nothing",
             "async_generic=true"]
+    for name, lines in sections.items():
+        out += ["", f"[{name}]"] + lines
     if methods:
         out += ["", "[methods]",
                 "; value = challenge for authentication (yes: Yate authenticates, we get 'username')"]

@@ -101,15 +101,22 @@ def parse_name_addr(text: str) -> NameAddr | None:
                             m.group(6) or "")
     text = text.strip()
     display = ""
-    if "<" in text:
-        lt = text.index("<")
-        raw = text[:lt].strip()
-        if raw.startswith('"'):
-            display = _unquote(raw)
-            if display is None:
-                return None
-        else:
-            display = raw
+    start = 0
+    if text.startswith('"'):
+        # a quoted display name may hold '<' or '>': find its closing quote first
+        end = _quoted_end(text)
+        if end < 0:
+            return None
+        display = _unquote(text[: end + 1])
+        if display is None:
+            return None
+        start = end + 1
+    if "<" in text[start:]:
+        lt = text.index("<", start)
+        if not start:
+            display = text[:lt].strip()
+        elif text[start:lt].strip():
+            return None
         gt = text.find(">", lt)
         if gt < 0:
             return None
@@ -123,10 +130,24 @@ def parse_name_addr(text: str) -> NameAddr | None:
         return None
     tag = ""
     for param in rest.split(";"):
-        k, _, v = param.strip().partition("=")
-        if k.lower() == "tag":
+        k, _, v = param.partition("=")
+        if k.strip().lower() == "tag":
             tag = v.strip()
     return NameAddr(display, uri, tag)
+
+
+def _quoted_end(text: str) -> int:
+    """Index of the quote closing the quoted-string that starts ``text``, or -1."""
+    i = 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i
+        i += 1
+    return -1
 
 
 def _unquote(raw: str) -> str | None:
@@ -167,8 +188,8 @@ def format_name_addr(uri: str, display: str = "", tag: str = "") -> str:
 def header_param(value: str, name: str) -> str | None:
     """The value of ``;name=`` in a header value (case-insensitive name), or ``None``."""
     for param in value.split(";")[1:]:
-        k, _, v = param.strip().partition("=")
-        if k.lower() == name:
+        k, _, v = param.partition("=")
+        if k.strip().lower() == name:  # whitespace around '=' is allowed (RFC 3261 §25.1)
             return v.strip().strip('"')
     return None
 

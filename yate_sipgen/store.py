@@ -46,6 +46,7 @@ class StoredMessage:
     attempts: int = 0
     next_try: float = 0.0
     notify_sender: bool = False
+    antiloop: int = 20  # Max-Forwards left when it arrived: keeps falling on every attempt
     id: int = 0
 
     def size(self) -> int:
@@ -122,14 +123,15 @@ CREATE TABLE IF NOT EXISTS messages (
     next_try REAL NOT NULL DEFAULT 0,
     notify_sender INTEGER NOT NULL DEFAULT 0,
     lease_owner TEXT NOT NULL DEFAULT '',
-    lease_until REAL NOT NULL DEFAULT 0
+    lease_until REAL NOT NULL DEFAULT 0,
+    antiloop INTEGER NOT NULL DEFAULT 20
 );
 CREATE INDEX IF NOT EXISTS messages_user ON messages(user, id);
 CREATE INDEX IF NOT EXISTS messages_expires ON messages(expires);
 """
 
 _COLS = ("id, user, sender, from_hdr, to_hdr, content_type, body, body_encoding, extra, call_id, "
-         "from_tag, received, expires, attempts, next_try, notify_sender")
+         "from_tag, received, expires, attempts, next_try, notify_sender, antiloop")
 
 
 def _row(r: tuple[Any, ...]) -> StoredMessage:
@@ -140,7 +142,8 @@ def _row(r: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(id=r[0], user=r[1], sender=r[2], from_hdr=_unblob(r[3]),
                          to_hdr=_unblob(r[4]), content_type=_unblob(r[5]), body=_unblob(r[6]), body_encoding=r[7], extra=extra,
                          call_id=r[9], from_tag=r[10], received=r[11], expires=r[12],
-                         attempts=r[13], next_try=r[14], notify_sender=bool(r[15]))
+                         attempts=r[13], next_try=r[14], notify_sender=bool(r[15]),
+                         antiloop=r[16])
 
 
 def _blob(s: str) -> bytes:
@@ -163,17 +166,21 @@ class SQLiteMessageStore(MessageStore):
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA busy_timeout=10000")
         self.db.executescript(_SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(messages)")}
+        if "antiloop" not in cols:  # a database from before this column existed
+            self.db.execute("ALTER TABLE messages ADD COLUMN antiloop INTEGER NOT NULL DEFAULT 20")
 
     def add(self, msg: StoredMessage, lease_owner: str = "", lease_until: float = 0.0) -> int:
         cur = self.db.execute(
             "INSERT INTO messages (user, sender, from_hdr, to_hdr, content_type, body, "
             "body_encoding, extra, call_id, from_tag, received, expires, attempts, next_try, "
-            "notify_sender, lease_owner, lease_until) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            "notify_sender, lease_owner, lease_until, antiloop) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (msg.user, msg.sender, _blob(msg.from_hdr), _blob(msg.to_hdr),
              _blob(msg.content_type), _blob(msg.body),
              msg.body_encoding, json.dumps(msg.extra),
              msg.call_id, msg.from_tag, msg.received, msg.expires, msg.attempts, msg.next_try,
-             int(msg.notify_sender), lease_owner, lease_until))
+             int(msg.notify_sender), lease_owner, lease_until, msg.antiloop))
         msg.id = int(cur.lastrowid)
         return msg.id
 
@@ -192,7 +199,7 @@ class SQLiteMessageStore(MessageStore):
                 "ORDER BY id LIMIT ?", (user, limit)).fetchall()
             taken: list[StoredMessage] = []
             for r in rows:
-                if (r[16] > now and r[17] != owner) or (due_only and r[14] > now):
+                if (r[17] > now and r[18] != owner) or (due_only and r[14] > now):
                     break  # keep the order: never skip past a row we cannot take
                 taken.append(_row(r))
             if taken:

@@ -132,15 +132,16 @@ class Outgoing:
                              body_encoding=self.body_encoding, extra=dict(self.extra),
                              call_id=self.call_id, from_tag=self.from_tag,
                              received=self.received, expires=expires,
-                             notify_sender=self.notify_sender, attempts=self.attempts)
+                             notify_sender=self.notify_sender, attempts=self.attempts,
+                             antiloop=self.antiloop)
 
     @classmethod
-    def from_stored(cls, row: StoredMessage, antiloop: int = 20) -> "Outgoing":
+    def from_stored(cls, row: StoredMessage) -> "Outgoing":
         user = row.user.rpartition("@")[0]
         return cls(user=row.user, sender=row.sender, from_hdr=row.from_hdr, to_hdr=row.to_hdr,
                    content_type=row.content_type, body=row.body, body_encoding=row.body_encoding,
                    extra=dict(row.extra), call_id=row.call_id, from_tag=row.from_tag,
-                   received=row.received, antiloop=antiloop,
+                   received=row.received, antiloop=row.antiloop,
                    caller=row.sender.rpartition("@")[0], called=user,
                    notify_sender=row.notify_sender, stored_id=row.id, attempts=row.attempts)
 

@@ -136,6 +136,10 @@ def _check_message(cfg: config_mod.Config) -> list[str]:
     if m["retry_min"] > m["retry_max"]:
         errs.append(f"{cfg.path}: [message] retry_min={m['retry_min']} must not exceed "
                     f"retry_max={m['retry_max']}")
+    if m["mode"] == "lateroute" and m["msg_execute"]:
+        errs.append(f"{cfg.path}: [message] mode=lateroute cannot be combined with "
+                    "msg_execute=true (our msg.execute handler would take the message lateroute "
+                    "routes)")
     if m["route_offline"] and not m["msg_execute"]:
         errs.append(f"{cfg.path}: [message] route_offline=true needs msg_execute=true")
     return errs
@@ -186,20 +190,33 @@ class MessageFeature:
     @classmethod
     def sip_methods(cls, cfg: config_mod.Config) -> dict[str, str]:
         m = cfg["message"]
+        if not m["enable"] or m["msg_execute"]:
+            return {}  # with Yate's own MESSAGE routing, [methods] plays no part
+        return {"message": "yes" if m["auth"] == "required" else "no"}
+
+    @classmethod
+    def ysipchan_sections(cls, cfg: config_mod.Config) -> dict[str, list[str]]:
+        """ysipchan.conf lines besides [methods] (comment lines start with ';')."""
+        m = cfg["message"]
         if not m["enable"]:
             return {}
-        return {"message": "yes" if m["auth"] == "required" else "no"}
+        if m["msg_execute"]:
+            return {"message": ["; Yate routes MESSAGE itself (call.route, then msg.execute);",
+                                "; yate-sipgen delivers its msg.execute for sip/ targets",
+                                "enable=yes", "auth_required=yes"]}
+        return {"message": ["; MESSAGE must reach yate-sipgen as sip.message, not Yate's routing",
+                            "enable=no"]}
 
     @classmethod
     def yate_notes(cls, cfg: config_mod.Config) -> list[str]:
         m = cfg["message"]
         if not m["enable"]:
             return []
-        notes = ["[message] enable=no in ysipchan.conf: MESSAGE reaches us as sip.message"
-                 if not m["msg_execute"] else
-                 "[message] enable=yes in ysipchan.conf: Yate routes MESSAGE itself and we "
-                 "deliver its msg.execute for sip/ targets"]
-        if m["auth"] == "required":
+        notes = []
+        if m["msg_execute"]:
+            notes.append("[message] auth_required=yes: Yate authenticates MESSAGE before routing "
+                         "it; [methods] message is not used in this set-up")
+        elif m["auth"] == "required":
             notes.append("message=yes: Yate challenges every MESSAGE; only authenticated ones "
                          "reach us, with 'username'")
         else:
@@ -258,25 +275,35 @@ class MessageFeature:
                 "msg_queued": len(self.deliverer.backlog) if self.deliverer else 0,
                 "msg_inprogress": self._live}
 
+    def prepare(self) -> None:
+        """Open the store before Yate can hand us anything (called before connecting).
+
+        Opening SQLite takes milliseconds; doing it here means no MESSAGE or REGISTER that
+        arrives right after a (re)start finds the store closed.
+        """
+        if not self.cfg.get("enable") or not self.cfg.get("store"):
+            return
+        path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
+        try:
+            store = SQLiteMessageStore(path)
+            users = store.users()
+        except Exception as e:
+            log.error("cannot open message store %s: %s; storing is off", path, e)
+            return
+        self.store = AsyncStore(store)
+        self.deliverer.store = self.store
+        self.deliverer.backlog.update(users)
+
     async def start(self) -> None:
         if not self.cfg.get("enable"):
             return
         if not self.cfg["domains"]:
             log.warning("[message] domains is empty: every Request-URI host is treated as ours")
-        if not self.cfg.get("store"):
+        if self.store is None:
             return
-        path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
-        try:
-            self.store = AsyncStore(await asyncio.get_running_loop().run_in_executor(
-                None, SQLiteMessageStore, path))
-        except Exception as e:
-            log.error("cannot open message store %s: %s; storing is off", path, e)
-            return
-        self.deliverer.store = self.store
-        users = await self.store.users()
-        self.deliverer.backlog.update(users)
-        if users:
-            log.info("%d users have stored messages; trying to deliver", len(users))
+        if self.deliverer.backlog:
+            log.info("%d users have stored messages; trying to deliver",
+                     len(self.deliverer.backlog))
         self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
 
     async def close(self) -> None:
@@ -395,6 +422,11 @@ class MessageFeature:
             return 483
         return Inbound(out, rcpt_user, ruri.host, sender_user, frm.uri.host,
                        bool(username), foreign, media)
+
+    def serves(self, host: str) -> bool:
+        """Is ``host`` one of our domains (always, when ``domains`` is empty)?"""
+        domains = self.cfg.get("_domains")
+        return not domains or host.lower() in domains
 
     def is_automatic(self, msg: Message) -> bool:
         """A message that no automatic sender (notices, services) may ever answer."""
