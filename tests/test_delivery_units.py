@@ -654,7 +654,7 @@ def test_flush_user_without_targets_routes_and_forgets_the_user_when_done(
         assert await d.flush_user("bob@example.com", None, route, due_only=False) is True
         assert asked == ["bob@example.com"] and e.sent[0]["uri"] == "sip:bob@found"
         assert d.backlog == set() and await d.store.count() == 0
-        assert "bob@example.com" not in d._locks
+        assert not d.users.locked("bob@example.com")
         # an offline user: rows go back with their back-off, nothing is sent
         await d.store.add(msg())
 
@@ -664,7 +664,7 @@ def test_flush_user_without_targets_routes_and_forgets_the_user_when_done(
         assert await d.flush_user("bob@example.com", None, offline, due_only=False) is False
         (r,) = await d.store.list()
         assert r.attempts == 1 and len(e.sent) == 1
-        assert d._locks == {}  # a finished run keeps no per-user lock around
+        assert d.users._held == {}  # a finished run keeps nothing per user around
         d.store.close()
 
     asyncio.run(scenario())

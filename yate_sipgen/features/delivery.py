@@ -22,6 +22,7 @@ import os
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,96 @@ STORE_WORTHY = frozenset((0, 408, 480, 500, 503, 504))
 UNREACHABLE_ERRORS = frozenset(("offline", "notransport", "noconn", "noroute", "noanswer"))
 
 _CALLTO_N = re.compile(r"callto\.(\d+)")
+
+
+class UserGate:
+    """One holder at a time per key, waiters served in FIFO order.
+
+    Cheaper than an ``asyncio.Lock`` per user on the hot path (no coroutine call when free)
+    and keeps nothing for a key nobody holds. Use::
+
+        waiter = gate.enter(key)
+        if waiter is not None:
+            await gate.wait(key, waiter)
+        try: ...
+        finally: gate.leave(key)
+    """
+
+    __slots__ = ("_held",)
+
+    def __init__(self) -> None:
+        self._held: dict[str, deque[asyncio.Future[None]] | None] = {}
+
+    def locked(self, key: str) -> bool:
+        return key in self._held
+
+    def enter(self, key: str) -> asyncio.Future[None] | None:
+        if key not in self._held:
+            self._held[key] = None
+            return None
+        q = self._held[key]
+        if q is None:
+            q = self._held[key] = deque()
+        fut = asyncio.get_running_loop().create_future()
+        q.append(fut)
+        return fut
+
+    async def wait(self, key: str, fut: asyncio.Future[None]) -> None:
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.leave(key)  # handed over just as we were cancelled: pass it on
+            raise
+
+    def leave(self, key: str) -> None:
+        q = self._held.get(key)
+        while q:
+            fut = q.popleft()
+            if not fut.done():
+                fut.set_result(None)  # ownership passes straight to the next waiter
+                return
+        self._held.pop(key, None)
+
+
+class CountGate:
+    """At most ``limit`` holders; the others wait in FIFO order (a lean semaphore)."""
+
+    __slots__ = ("limit", "active", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def enter(self) -> asyncio.Future[None] | None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return None
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        return fut
+
+    async def wait(self, fut: asyncio.Future[None]) -> None:
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.leave()
+            raise
+
+    def leave(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # the place passes on; active stays the same
+                return
+        self.active -= 1
+        while self.active < self.limit and self._waiters:  # the limit was raised
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self.active += 1
+                fut.set_result(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +248,8 @@ class Deliverer:
         # (id() repeats across processes without address randomisation)
         self.owner = f"sipgen-{os.getpid()}-{secrets.token_hex(4)}"
         self.backlog: set[str] = set()  # users with stored rows (this instance's view)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._sem = asyncio.Semaphore(200)
+        self.users = UserGate()  # one delivery at a time per user (RFC 3428 §8)
+        self.slots = CountGate(200)  # deliveries waiting on Yate at once
         self.delivery_timeout = 40.0
         self.route_timeout = 5.0
         self.retry_min = 30.0
@@ -169,44 +260,33 @@ class Deliverer:
 
     def configure(self, *, max_concurrent: int, delivery_timeout: float, retry_min: float,
                   retry_max: float, other_targets: str) -> None:
-        if getattr(self, "_max_concurrent", None) != max_concurrent:
-            self._sem = asyncio.Semaphore(max_concurrent)
-            self._max_concurrent = max_concurrent
+        self.slots.limit = max_concurrent
         self.delivery_timeout = delivery_timeout
         self.lease = delivery_timeout * 2 + 10
         self.retry_min = retry_min
         self.retry_max = retry_max
         self.other_targets = other_targets
 
-    def lock(self, user: str) -> asyncio.Lock:
-        lk = self._locks.get(user)
-        if lk is None:
-            lk = self._locks[user] = asyncio.Lock()
-        return lk
-
-    def _drop_lock(self, user: str) -> None:
-        lk = self._locks.get(user)
-        if lk is not None and not lk.locked() and not getattr(lk, "_waiters", None):
-            del self._locks[user]
-
     # -- routing ---------------------------------------------------------------------------
     async def route(self, called: str, called_domain: str, params: dict[str, str],
                     timeout: float | None = None) -> Route:
-        m = Message("call.route", params)
-        m["route_type"] = "msg"
-        m["called"] = called
-        m["called_domain"] = called_domain
-        answer = await self.engine.dispatch(m, timeout=timeout or self.route_timeout)
+        params = dict(params, route_type="msg", called=called, called_domain=called_domain)
+        answer = await self.engine.dispatch(Message("call.route", params),
+                                            timeout=timeout or self.route_timeout)
         return parse_route(answer)
 
     # -- sending ---------------------------------------------------------------------------
-    async def send(self, out: Outgoing, targets: list[Target]) -> int:
-        """Deliver to the targets (forked in parallel); returns the resulting SIP code.
+    def send(self, out: Outgoing, targets: list[Target]) -> Awaitable[int]:
+        """Deliver to the targets (forked in parallel); awaits to the resulting SIP code.
 
         0 means "no code" (Yate could not send it at all: offline line, no transport, ...).
+        One target (the usual case) is its own coroutine: no extra await layer.
         """
         if len(targets) == 1:
-            return await self.send_one(out, targets[0])
+            return self.send_one(out, targets[0])
+        return self._fork(out, targets)
+
+    async def _fork(self, out: Outgoing, targets: list[Target]) -> int:
         tasks = [asyncio.ensure_future(self.send_one(out, t)) for t in targets]
         try:
             for fut in asyncio.as_completed(tasks):
@@ -220,39 +300,44 @@ class Deliverer:
         return best_failure([t.result() or 480 for t in tasks])
 
     async def send_one(self, out: Outgoing, target: Target) -> int:
-        async with self._sem:
-            try:
-                if target.is_sip:
-                    return await self._xsip(out, target)
-                if self.other_targets == "reject":
-                    return 404
-                return await self._msg_execute(out, target)
-            except DispatchTimeout:
-                return 408
-            except DispatchCancelled:
-                return 0
-            except LocalProtocolError as e:  # too big for Yate's line, NUL in a value, ...
-                log.warning("cannot send MESSAGE for %s to %s: %s", out.user, target.callto, e)
-                return 413
+        waiter = self.slots.enter()
+        if waiter is not None:
+            await self.slots.wait(waiter)
+        try:
+            if target.is_sip:
+                return await self._xsip(out, target)
+            if self.other_targets == "reject":
+                return 404
+            return await self._msg_execute(out, target)
+        except DispatchTimeout:
+            return 408
+        except DispatchCancelled:
+            return 0
+        except LocalProtocolError as e:  # too big for Yate's line, NUL in a value, ...
+            log.warning("cannot send MESSAGE for %s to %s: %s", out.user, target.callto, e)
+            return 413
+        finally:
+            self.slots.leave()
 
     async def _xsip(self, out: Outgoing, target: Target) -> int:
-        m = Message("xsip.generate", {
+        p = {
             "method": "MESSAGE", "uri": target.uri, "wait": "true",
             "antiloop": str(out.antiloop),
             "sip_From": f"{out.from_hdr};tag={out.from_tag}",
             "sip_To": out.to_hdr, "sip_Call-ID": out.call_id, "sip_CSeq": "1 MESSAGE",
             "sip_Date": http_date(out.received),
             "xsip_type": out.content_type, "xsip_body": out.body,
-        })
+        }
         if out.body_encoding:
-            m["xsip_body_encoding"] = out.body_encoding
-        for k, v in out.extra.items():
-            m[k] = v
+            p["xsip_body_encoding"] = out.body_encoding
+        if out.extra:
+            p.update(out.extra)
         if target.connection_id:
-            m["connection_id"] = target.connection_id
+            p["connection_id"] = target.connection_id
         if out.auto:
-            m["sip_Auto-Submitted"] = "auto-generated"
-        answer = await self.engine.dispatch(m, timeout=self.delivery_timeout)
+            p["sip_Auto-Submitted"] = "auto-generated"
+        answer = await self.engine.dispatch(Message.from_wire("xsip.generate", "", p, None),
+                                            timeout=self.delivery_timeout)
         return _code_of(answer)
 
     async def _msg_execute(self, out: Outgoing, target: Target) -> int:
@@ -286,10 +371,13 @@ class Deliverer:
         if self.store is None:
             return True
         if hold_lock:
-            async with self.lock(user):
-                done = await self._flush(user, targets, route, due_only, stop_at)
-            self._drop_lock(user)  # inside the lock it could not go: one Lock per user forever
-            return done
+            waiter = self.users.enter(user)
+            if waiter is not None:
+                await self.users.wait(user, waiter)
+            try:
+                return await self._flush(user, targets, route, due_only, stop_at)
+            finally:
+                self.users.leave(user)
         return await self._flush(user, targets, route, due_only, stop_at)
 
     async def _flush(self, user: str, targets: list[Target] | None,
@@ -306,7 +394,6 @@ class Deliverer:
                 left = await store.count(user)
                 if not left:
                     self.backlog.discard(user)
-                    self._drop_lock(user)
                 return left == 0
             if targets is None:
                 r = await route(user) if route else Route([], 480, offline=True)

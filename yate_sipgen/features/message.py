@@ -128,6 +128,8 @@ NEVER_AUTO_ANSWER = ("application/im-iscomposing+xml", "message/imdn+xml")
 STORE_RESERVE = 0.5
 #: Room on the onward line for everything but the body (headers, params, id).
 LINE_OVERHEAD = 3072
+_ONWARD_ROOM = max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD
+_BODY_PARAMS = ("xsip_body.", "xsip_type.", "xsip_body_encoding.")
 
 
 def _check_message(cfg: config_mod.Config) -> list[str]:
@@ -258,6 +260,7 @@ class MessageFeature:
         self.cfg["_types"] = {t.lower() for t in self.cfg["content_types"]}
         self.cfg["_domains"] = {d.lower() for d in self.cfg["domains"]}
         self.cfg["_trusted"] = set(self.cfg["trusted_lines"])
+        self.cfg["_accept"] = ", ".join(self.cfg["content_types"])
         d = self.deliverer
         d.configure(max_concurrent=self.cfg["max_concurrent"],
                     delivery_timeout=float(self.cfg["delivery_timeout"]),
@@ -353,26 +356,37 @@ class MessageFeature:
 
     def _inbound(self, msg: Message, hops: int) -> Inbound | int:
         cfg = self.cfg
-        ctype_full = msg.get("sip_content-type") or msg.get("xsip_type") or ""
-        media = media_type(msg.get("xsip_type") or ctype_full)
-        accept = ", ".join(cfg["content_types"])
+        params = msg.params
+        xtype = params.get("xsip_type", "")
+        ctype_full = params.get("sip_content-type") or xtype
+        media = media_type(xtype or ctype_full)
         if not media:
-            self._reject(msg, 415, "no content type", Accept=accept)
+            self._reject(msg, 415, "no content type", Accept=cfg["_accept"])
             return 415
         if media not in cfg["_types"]:
-            self._reject(msg, 415, f"content type {media}", Accept=accept)
+            self._reject(msg, 415, f"content type {media}", Accept=cfg["_accept"])
             return 415
-        body = msg.get("xsip_body", "")
-        extra = {k: v for k, v in msg.items()
-                 if (k.startswith("xsip_body.") or k.startswith("xsip_type.")
-                     or k.startswith("xsip_body_encoding.")) and k != "xsip_body_encoding"}
-        size = len(body.encode("utf-8", "surrogateescape")) + sum(len(v) for v in extra.values())
-        onward = escaped_size(body) + sum(escaped_size(v) for v in extra.values())
-        if size > cfg["max_body"] or onward > max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD:
+        body = params.get("xsip_body", "")
+        # other body parts and body headers (multipart, Content-Disposition): rare, so one
+        # substring search over the names decides whether to look for them
+        names = "\x00".join(params)
+        if "xsip_body." in names or "xsip_type." in names or "xsip_body_encoding." in names:
+            extra = {k: v for k, v in msg.items() if k.startswith(_BODY_PARAMS)}
+        else:
+            extra = {}
+        size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogateescape"))
+        if extra:
+            size += sum(len(v) for v in extra.values())
+        if size > cfg["max_body"]:
             self._reject(msg, 413, f"body of {size} bytes")
             return 413
+        if 3 * size > _ONWARD_ROOM:  # escaping can at most triple it: measure only then
+            onward = escaped_size(body) + sum(escaped_size(v) for v in extra.values())
+            if onward > _ONWARD_ROOM:
+                self._reject(msg, 413, f"body of {size} bytes ({onward} once escaped)")
+                return 413
         # who sends
-        frm = parse_name_addr(msg.get("sip_from", ""))
+        frm = parse_name_addr(params.get("sip_from", ""))
         if frm is None:
             self._reject(msg, 400, "unparsable From")
             return 400
@@ -416,7 +430,7 @@ class MessageFeature:
                        antiloop=hops - 1 if hops > 1 else 1, caller=sender_user,
                        called=rcpt_user,
                        notify_sender=bool(username or trusted_line) and
-                       media not in NEVER_AUTO_ANSWER and not self.is_automatic(msg))
+                       media not in NEVER_AUTO_ANSWER and not self.is_automatic(msg, frm))
         if hops - 1 <= 0:
             self._reject(msg, 483, "no hop left to forward")
             return 483
@@ -428,7 +442,7 @@ class MessageFeature:
         domains = self.cfg.get("_domains")
         return not domains or host.lower() in domains
 
-    def is_automatic(self, msg: Message) -> bool:
+    def is_automatic(self, msg: Message, frm: Any = None) -> bool:
         """A message that no automatic sender (notices, services) may ever answer."""
         if media_type(msg.get("xsip_type", "")) in NEVER_AUTO_ANSWER:
             return True
@@ -436,7 +450,8 @@ class MessageFeature:
             return True
         if not msg.get("username") and not msg.get("in_line"):
             return True
-        frm = parse_name_addr(msg.get("sip_from", ""))
+        if frm is None:
+            frm = parse_name_addr(msg.get("sip_from", ""))
         if frm is None or frm.uri.user == self.cfg.get("notice_from"):
             return True
         domains = self.cfg.get("_domains")
@@ -552,21 +567,23 @@ class MessageFeature:
                             state: "_LiveState") -> int:
         """Send under the user's lock, after their stored backlog; -1: queued behind it."""
         d = self.deliverer
+        waiter = d.users.enter(out.user)
+        if waiter is not None:
+            await d.users.wait(out.user, waiter)
         try:
-            async with d.lock(out.user):
-                if out.user in d.backlog and self.store is not None:
-                    if state.storing is not None:
-                        await state.storing  # our own copy must be in the store, or not, for sure
-                    ok = await d.flush_user(out.user, targets, None, due_only=False,
-                                            hold_lock=False)
-                    if state.stored_id:
-                        # stored at the deadline: that copy went (or not) with the backlog
-                        return SENT_FROM_STORE if ok else -1
-                    if not ok:
-                        return -1
-                return await d.send(out, targets)
+            if out.user in d.backlog and self.store is not None:
+                if state.storing is not None:
+                    await state.storing  # our own copy must be in the store, or not, for sure
+                ok = await d.flush_user(out.user, targets, None, due_only=False,
+                                        hold_lock=False)
+                if state.stored_id:
+                    # stored at the deadline: that copy went (or not) with the backlog
+                    return SENT_FROM_STORE if ok else -1
+                if not ok:
+                    return -1
+            return await d.send(out, targets)
         finally:
-            d._drop_lock(out.user)  # not kept for every recipient ever seen
+            d.users.leave(out.user)
 
     def _deadline_reached(self, msg: Message, out: Outgoing, media: str,
                           state: "_LiveState") -> None:
@@ -792,7 +809,7 @@ class MessageFeature:
             await self._forget_if_empty(user)
         users = await (store.users() if initial else store.users_due(now))
         for user in users:
-            if self.deliverer.lock(user).locked():
+            if self.deliverer.users.locked(user):
                 continue
             self.engine.spawn(self.deliverer.flush_user(user, None, self._route_key,
                                                         due_only=not initial),
