@@ -303,3 +303,15 @@ def db_exec(tmp_path: Path, sql: str, args: tuple = ()) -> int:
         return con.execute(sql, args).rowcount
     finally:
         con.close()
+
+
+def sent(y: "Yate", name: str) -> list:
+    """Messages named ``name`` the script emitted, exactly as it wrote them."""
+    return [m for m in y.fy.sent_by_script if m.name == name]
+
+
+def assert_clean(y: "Yate") -> None:
+    """No protocol violation, handler error or timeout was seen by the fake Yate."""
+    assert y.fy.failures == []
+    assert y.fy.handler_errors == []
+    assert y.fy.timeouts == []

@@ -17,23 +17,14 @@ from pathlib import Path
 import pytest
 
 try:
-    from msg_e2e_harness import DEFAULT_TYPES, XSIP_KEYS, Yate, run, started
+    from msg_e2e_harness import assert_clean, sent, DEFAULT_TYPES, XSIP_KEYS, Yate, run, started
 except ImportError:  # pragma: no cover - tests/ turned into a package
-    from tests.msg_e2e_harness import DEFAULT_TYPES, XSIP_KEYS, Yate, run, started  # type: ignore
+    from tests.msg_e2e_harness import assert_clean, sent, DEFAULT_TYPES, XSIP_KEYS, Yate, run, started  # type: ignore
 
 BOB = "bob@example.com"
 BOB_URI = "sip:bob@192.0.2.20:5062"
 
 
-def sent(y: Yate, name: str) -> list:
-    """Messages named ``name`` the script emitted, exactly as it wrote them."""
-    return [m for m in y.fy.sent_by_script if m.name == name]
-
-
-def assert_clean(y: Yate) -> None:
-    assert y.fy.failures == []
-    assert y.fy.handler_errors == []
-    assert y.fy.timeouts == []
 
 
 # ==========================================================================

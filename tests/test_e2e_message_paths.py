@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 try:
-    from msg_e2e_harness import BASE, Yate, params_of, run, started
+    from msg_e2e_harness import assert_clean, sent, BASE, Yate, params_of, run, started
 except ImportError:  # pragma: no cover - tests/ turned into a package
-    from tests.msg_e2e_harness import BASE, Yate, params_of, run, started  # type: ignore
+    from tests.msg_e2e_harness import assert_clean, sent, BASE, Yate, params_of, run, started  # type: ignore
 
 BOB = "bob@example.com"
 BOB_URI = "sip:bob@192.0.2.20:5062"
@@ -28,14 +28,6 @@ IN_CALL = dict(id="sip/5", peerid="sip/6", status="answered", targetid="sip/6",
                sip_to="<sip:bob@example.com>;tag=t1", xsip_dlgtag="t1")
 
 
-def sent(y: Yate, name: str) -> list:
-    return [m for m in y.fy.sent_by_script if m.name == name]
-
-
-def assert_clean(y: Yate) -> None:
-    assert y.fy.failures == []
-    assert y.fy.handler_errors == []
-    assert y.fy.timeouts == []
 
 
 # ==========================================================================

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 try:
-    from msg_e2e_harness import Yate, db_exec, db_path, db_rows, run, started, store_ready
+    from msg_e2e_harness import assert_clean, sent, Yate, db_exec, db_path, db_rows, run, started, store_ready
 except ImportError:  # pragma: no cover - tests/ turned into a package
-    from tests.msg_e2e_harness import (Yate, db_exec, db_path, db_rows, run,  # type: ignore
+    from tests.msg_e2e_harness import (assert_clean, sent, Yate, db_exec, db_path, db_rows, run,  # type: ignore
                                        started, store_ready)
 
 from yate_sipgen.store import SQLiteMessageStore, StoredMessage
@@ -28,14 +28,6 @@ BOB = "bob@example.com"
 BOB_URI = "sip:bob@192.0.2.20:5062"
 
 
-def sent(y: Yate, name: str) -> list:
-    return [m for m in y.fy.sent_by_script if m.name == name]
-
-
-def assert_clean(y: Yate) -> None:
-    assert y.fy.failures == []
-    assert y.fy.handler_errors == []
-    assert y.fy.timeouts == []
 
 
 async def until(pred, timeout: float = 5.0, step: float = 0.02):

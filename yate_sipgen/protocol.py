@@ -323,8 +323,7 @@ def _decode(raw: bytes) -> str:
 
 def _params(chunks: list[str], start: int) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
     """Decode ``k=v`` chunks as Yate writes them (names may carry ``%}``)."""
-    params: dict[str, str] = {}
-    extra: list[tuple[str, str]] | None = None
+    pairs: list[tuple[str, str]] = []
     for i in range(start, len(chunks)):
         chunk = chunks[i]
         if not chunk:
@@ -332,12 +331,18 @@ def _params(chunks: list[str], start: int) -> tuple[dict[str, str], list[tuple[s
         k, sep, v = chunk.partition("=")
         if not k:
             raise RemoteProtocolError(f"param chunk {chunk[:40]!r} begins with '='")
-        if "%" in k:
-            k = unescape(k, name=True)
         if not sep:
             continue  # a bare key deletes; on a message we just built that is a no-op
-        if "%" in v:
-            v = unescape(v)
+        pairs.append((unescape(k, name=True) if "%" in k else k,
+                      unescape(v) if "%" in v else v))
+    return _collect(pairs)
+
+
+def _collect(pairs) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
+    """First value of each name in a dict (Yate's getParam), later duplicates in order."""
+    params: dict[str, str] = {}
+    extra: list[tuple[str, str]] | None = None
+    for k, v in pairs:
         if k in params:
             if extra is None:
                 extra = []
@@ -428,18 +433,9 @@ def _msg_line(line: str, answer: bool) -> FromYate:
         if "" in params:
             raise RemoteProtocolError("a param chunk begins with '='", line)
         if len(params) != len(chunks):
-            # rare: duplicates (keep the first in params, the rest in order in extra), bare
-            # keys (a delete: no-op on a fresh message) or empty chunks (skipped, as Yate does)
-            params = {}
-            for k, sep, v in kv:
-                if not sep:
-                    continue
-                if k in params:
-                    if extra is None:
-                        extra = []
-                    extra.append((k, v))
-                else:
-                    params[k] = v
+            # rare: duplicates, bare keys (a delete: no-op on a fresh message) or empty
+            # chunks (skipped, as Yate does)
+            params, extra = _collect((k, v) for k, sep, v in kv if sep)
     mid = parts[1]
     if answer:
         handled = parse_bool(parts[2])
