@@ -348,11 +348,7 @@ class MessageFeature:
             retry = max(1, math.ceil(1.0 / cfg["sender_rate"]))
             return self._reject(msg, 503, f"sender {inb.out.sender} over its rate",
                                 Retry_After=str(retry))
-        self._live += 1
-        try:
-            return await self._relay(msg, inb)
-        finally:
-            self._live -= 1
+        return await self._relay(msg, inb)
 
     def _inbound(self, msg: Message, hops: int) -> Inbound | int:
         cfg = self.cfg
@@ -500,33 +496,47 @@ class MessageFeature:
             return Route([], 480, offline=True)
 
     async def _relay(self, msg: Message, inb: Inbound) -> bool:
-        cfg = self.cfg
-        loop = asyncio.get_running_loop()
-        out = inb.out
-        if cfg["mode"] == "accept":
+        if self.cfg["mode"] == "accept":
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
+        return await self._deliver_and_answer(msg, inb, None)
+
+    async def _lookup(self, msg: Message, inb: Inbound) -> Route:
+        loop = asyncio.get_running_loop()
+        budget = (msg.deadline - STORE_RESERVE - loop.time() if not msg.answered
+                  else self.deliverer.route_timeout)
+        try:
+            return await self._route(inb, msg, budget)
+        except DispatchTimeout:
+            return Route([], 503)
+        except DispatchCancelled:
+            return Route([], 500)
+
+    async def _deliver_and_answer(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
+        """Route (unless ``route`` is given), deliver, and answer with the truthful code.
+
+        Shared by the sip.message and msg.execute paths. If the answer deadline comes first,
+        the message is stored and answered 202 at once (an unanswered msg.execute would go on
+        to ysipchan and be sent twice); the late outcome then settles the stored copy.
+        """
+        loop = asyncio.get_running_loop()
+        out = inb.out
         state = _LiveState()
         timer = None
         if not msg.answered:
             timer = loop.call_at(max(msg.deadline - STORE_RESERVE, loop.time()),
                                  self._deadline_reached, msg, out, inb.media, state)
+        self._live += 1
         try:
-            try:
-                route = await self._route(inb, msg, msg.deadline - STORE_RESERVE - loop.time()
-                                          if not msg.answered else self.deliverer.route_timeout)
-            except DispatchTimeout:
-                route = Route([], 503)
-            except DispatchCancelled:
-                route = Route([], 500)
+            if route is None:
+                route = await self._lookup(msg, inb)
             if route.targets:
                 code = await self._deliver_live(out, route.targets, state)
             else:
-                code = route.code
-                if route.offline:
-                    code = 0 if code == 480 else code
+                code = 0 if route.offline and route.code == 480 else route.code
         finally:
+            self._live -= 1
             if timer is not None:
                 timer.cancel()
         if state.storing is not None:  # the deadline came first: 202 (or 480) already sent
@@ -663,7 +673,7 @@ class MessageFeature:
         media = media_type(msg.get("xsip_type", ""))
         if not media or media not in self.cfg["_types"]:
             return self._reject(msg, 415, f"content type {media or '(none)'}",
-                                Accept=", ".join(self.cfg["content_types"]))
+                                Accept=self.cfg["_accept"])
         body = msg.get("xsip_body", "")
         if (len(body.encode("utf-8", "surrogateescape")) > self.cfg["max_body"]
                 or escaped_size(body) > max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD):
@@ -696,8 +706,7 @@ class MessageFeature:
     # -- recipe compatibility -------------------------------------------------------------
     def _lateroute(self, msg: Message) -> bool:
         if not msg.get("xsip_type"):
-            return self._reject(msg, 415, "no content type",
-                                Accept=", ".join(self.cfg["content_types"]))
+            return self._reject(msg, 415, "no content type", Accept=self.cfg["_accept"])
         caller, called = msg.get("caller", ""), msg.get("called", "")
         domain = msg.get("domain", "")
         m = Message("msg.execute", {"callto": f"lateroute/{called}", "caller": caller,
@@ -730,28 +739,7 @@ class MessageFeature:
         if callto.startswith("sipgen/store/"):
             return self._answer(msg, 202 if await self._store(inb.out, inb.media) else 480)
         target = Target(callto, msg.get("oconnection_id") or "")
-        # Unanswered at Yate's timeout, the message would go on to ysipchan's own msg.execute
-        # handler and be sent a second time: store it and answer 202 at the deadline instead.
-        loop = asyncio.get_running_loop()
-        state = _LiveState()
-        timer = loop.call_at(max(msg.deadline - STORE_RESERVE, loop.time()),
-                             self._deadline_reached, msg, inb.out, inb.media, state)
-        self._live += 1
-        try:
-            code = await self._deliver_live(inb.out, [target], state)
-        finally:
-            timer.cancel()
-            self._live -= 1
-        if state.storing is not None:  # the deadline came first: 202 (or 480) already sent
-            await state.storing
-            await self._settle_late(inb.out, state, code, Route([target]))
-            return True
-        if 200 <= code < 300:
-            self.counters["delivered"] += 1
-            return self._answer(msg, code)
-        if (code == -1 or code in STORE_WORTHY) and await self._store(inb.out, inb.media):
-            return self._answer(msg, 202)
-        return self._answer(msg, self._failure_code(code, Route([target])))
+        return await self._deliver_and_answer(msg, inb, Route([target]))
 
     def on_route_offline(self, msg: Message) -> bool:
         if msg.get("error") != "offline" or not self.cfg.get("store") or self.store is None:
