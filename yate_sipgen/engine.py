@@ -210,6 +210,10 @@ class Engine:
             elif self.on_reply is not None:
                 self.on_reply(ev)
         self.flush()
+        # Tasks started or woken above run in the loop's next pass; a flush queued *now* runs
+        # right after them in that same pass, so their output leaves one pass earlier.
+        if self._tasks or self._futures:
+            self._schedule_flush()
 
     def _on_message(self, msg: Message) -> None:
         self.stats.handled[msg.name] += 1

@@ -54,8 +54,14 @@ _HOST = re.compile(r"\[[0-9a-fA-F:.]+\]|[A-Za-z0-9._-]+")
 _USER = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+")
 
 
+_SIMPLE_URI = re.compile(r"(sips?):([A-Za-z0-9\-_.!~*'()&=+$,?/%]+)@([A-Za-z0-9.-]+)")
+
+
 def parse_uri(text: str) -> SipUri | None:
     """Parse ``sip:user@host:port;params`` (also inside ``<...>``); ``None`` if it is not one."""
+    m = _SIMPLE_URI.fullmatch(text)
+    if m is not None:  # the usual ``sip:user@host``, one match (hot path)
+        return SipUri(m.group(1).lower(), m.group(2), m.group(3).lower(), None, "")
     text = text.strip()
     if text.startswith("<"):
         end = text.find(">")
