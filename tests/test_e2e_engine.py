@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-import pytest
 
 try:  # plain import when tests/ is on sys.path (pytest's default "prepend" mode)
     import yate_rules as yr

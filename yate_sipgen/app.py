@@ -18,8 +18,6 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from . import config as config_mod
@@ -156,10 +154,6 @@ class App:
         for f in self.features:
             info.update(f.status())
         return info
-
-    def add_status(self, fn: Callable[[], dict[str, Any]]) -> None:
-        """Let code outside the feature list contribute status counters."""
-        self.features.append(_StatusOnly(fn))
 
     # -- replies to our keyword lines ---------------------------------------------------------
     def _on_reply(self, ev: object) -> None:
@@ -344,28 +338,6 @@ class App:
                 log.warning("connection to Yate lost; reconnecting")
                 await asyncio.wait([self._stop], timeout=backoff)
         return self._stop.result()
-
-
-class _StatusOnly:
-    name = "status"
-
-    def __init__(self, fn: Callable[[], dict[str, Any]]) -> None:
-        self.fn = fn
-
-    def setup(self, app: App) -> None:
-        pass
-
-    def reconfigure(self, cfg: config_mod.Config) -> None:
-        pass
-
-    def status(self) -> dict[str, Any]:
-        return self.fn()
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
 
 def _stdin_is_pipe() -> bool:

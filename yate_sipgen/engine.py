@@ -100,7 +100,7 @@ class Engine:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_reply: Callable[[object], None] | None = None  # keyword replies, for the app
-        self.on_connected: list[Callable[[], None]] = []
+        self.on_connected: list[Callable[[], None]] = []  # hooks run after each (re)connect
 
     # -- registration ------------------------------------------------------------------------
     def handler(self, name: str, *, priority: int = 100, filter: tuple[str, str] | None = None,

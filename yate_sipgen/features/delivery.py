@@ -256,7 +256,6 @@ class Deliverer:
         self.retry_max = 3600.0
         self.lease = 90.0
         self.other_targets = "msg.execute"
-        self.route_extra: Callable[[Outgoing], dict[str, str]] | None = None
 
     def configure(self, *, max_concurrent: int, delivery_timeout: float, retry_min: float,
                   retry_max: float, other_targets: str) -> None:

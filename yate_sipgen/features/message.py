@@ -185,7 +185,6 @@ class MessageFeature:
         self._buckets: dict[str, _Bucket] = {}
         self._live = 0
         self._scanner: asyncio.Task[None] | None = None
-        self._queued = 0
         self.state_dir = ""
 
     # -- --check support ------------------------------------------------------------------
