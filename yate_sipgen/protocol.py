@@ -80,27 +80,35 @@ def escape(text: str) -> str:
     return _SPECIAL.sub(_esc_repl, text)
 
 
-_CTRL_NONNUL = re.compile("[\x01-\x1f]")
+_CTRL_BYTES = bytes(range(0x20))
+_CTRL_NONNUL_B = re.compile(b"[\x01-\x1f]")
+_ESC_OUT_B = {bytes([c]): b"%" + bytes([c + 0x40]) for c in range(1, 0x20)}
 
 
-def _escape_joined(text: str, fields: int) -> str:
-    """Escape NUL-joined fields in three C-level passes, then turn NUL into ``:``.
+def _escape_joined(text: str, fields: int) -> bytes:
+    """Encode NUL-joined fields and escape them with a few byte-level passes; NUL -> ``:``.
 
-    ``fields`` is the number of fields joined; a NUL inside a field is refused.
+    ``fields`` is the number of fields joined; a NUL inside a field is refused. Working on
+    bytes lets ``translate`` tell in one C pass whether any control byte besides the NUL
+    separators is left (the common case: none).
     """
-    if text.count("\x00") != fields - 1:
+    try:
+        data = text.encode(ENCODING, ERRORS)
+    except UnicodeEncodeError as e:
+        raise LocalProtocolError(f"text cannot be encoded: {e}") from None
+    if data.count(b"\x00") != fields - 1:
         raise LocalProtocolError("a NUL byte cannot be sent to Yate (it has no escape for it)")
-    if "%" in text:
-        text = text.replace("%", "%%")
-    if ":" in text:
-        text = text.replace(":", "%z")
-    if "\n" in text:
-        text = text.replace("\n", "%J")
-    if "\r" in text:
-        text = text.replace("\r", "%M")
-    if _CTRL_NONNUL.search(text) is not None:
-        text = _CTRL_NONNUL.sub(_esc_repl, text)
-    return text.replace("\x00", ":")
+    if b"%" in data:
+        data = data.replace(b"%", b"%%")
+    if b":" in data:
+        data = data.replace(b":", b"%z")
+    if b"\n" in data:
+        data = data.replace(b"\n", b"%J")
+    if b"\r" in data:
+        data = data.replace(b"\r", b"%M")
+    if len(data) - len(data.translate(None, _CTRL_BYTES)) != fields - 1:
+        data = _CTRL_NONNUL_B.sub(lambda m: _ESC_OUT_B[m.group()], data)
+    return data.replace(b"\x00", b":")
 
 
 def _unesc_repl(m: re.Match[str], _t: dict[str, str] = _UNESC) -> str:
@@ -464,13 +472,15 @@ def parse_yate_line(raw: bytes) -> FromYate | None:
     Returns ``None`` for an empty line (Yate ignores those too). Raises
     :class:`RemoteProtocolError` for anything Yate's own rules would not produce or accept.
     """
-    line = _decode(raw)
-    if not line:
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if not raw:
         return None
+    line = raw.decode(ENCODING, ERRORS)
     if line.startswith("Error in: "):
         return ErrorInReceived(line[10:])
-    # isprintable() is a C loop; the regex only runs for lines with non-ASCII text
-    if not (line.isascii() and line.isprintable()) and _CTRL.search(line):
+    # one C pass (translate deletes control bytes) instead of a per-character check
+    if len(raw.translate(None, _CTRL_BYTES)) != len(raw):
         raise RemoteProtocolError("raw control byte in line", line)
     if line.startswith("%%>message:"):
         return _msg_line(line, answer=False)
@@ -625,6 +635,9 @@ class Encoder:
             data = line.encode(ENCODING, ERRORS)
         except UnicodeEncodeError as e:
             raise LocalProtocolError(f"text cannot be encoded: {e}") from None
+        return self._finish_bytes(data, what)
+
+    def _finish_bytes(self, data: bytes, what: str = "line") -> bytes:
         if len(data) > self.max_line:
             raise LineTooLong(len(data), self.max_line, what)
         return data + b"\n"
@@ -643,7 +656,7 @@ class Encoder:
         if len(fields) == 4:
             fields.append("")  # the ':' after the name is mandatory (§1.4.3)
         body = _escape_joined("\x00".join(fields), len(fields))
-        return self._finish("%%>message:" + body, f"message {msg.name}")
+        return self._finish_bytes(b"%%>message:" + body, f"message {msg.name}")
 
     def answer(self, id: str, handled: bool, name: str, retval: str,
                changes: dict[str, str | None] | None) -> bytes:
@@ -664,9 +677,9 @@ class Encoder:
                     if type(v) is not str:  # Reset: delete every copy, then set one
                         fields.append(k)
                     fields.append(k + "=" + v)
-        body = _escape_joined("\x00".join(fields), len(fields))
-        return self._finish("%%<message:" + id + (":true:" if handled else ":false:") + body,
-                            "answer")
+        head = "%%<message:" + id + (":true:" if handled else ":false:")
+        return self._finish_bytes(head.encode(ENCODING, ERRORS)
+                                  + _escape_joined("\x00".join(fields), len(fields)), "answer")
 
     def install(self, name: str, priority: int | None = 100, filter_name: str | None = None,
                 filter_value: str | None = None) -> bytes:

@@ -185,6 +185,8 @@ class MessageFeature:
         self._buckets: dict[str, _Bucket] = {}
         self._live = 0
         self._scanner: asyncio.Task[None] | None = None
+        self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
+        self._deadline_tick: asyncio.TimerHandle | None = None
         self.state_dir = ""
 
     # -- --check support ------------------------------------------------------------------
@@ -519,13 +521,11 @@ class MessageFeature:
         the message is stored and answered 202 at once (an unanswered msg.execute would go on
         to ysipchan and be sent twice); the late outcome then settles the stored copy.
         """
-        loop = asyncio.get_running_loop()
         out = inb.out
         state = _LiveState()
-        timer = None
+        key = id(state)
         if not msg.answered:
-            timer = loop.call_at(max(msg.deadline - STORE_RESERVE, loop.time()),
-                                 self._deadline_reached, msg, out, inb.media, state)
+            self._watch_deadline(key, msg, out, inb.media, state)
         self._live += 1
         try:
             if route is None:
@@ -536,8 +536,7 @@ class MessageFeature:
                 code = 0 if route.offline and route.code == 480 else route.code
         finally:
             self._live -= 1
-            if timer is not None:
-                timer.cancel()
+            self._deadlines.pop(key, None)
         if state.storing is not None:  # the deadline came first: 202 (or 480) already sent
             await state.storing
             await self._settle_late(out, state, code, route)
@@ -593,6 +592,28 @@ class MessageFeature:
             return await d.send(out, targets)
         finally:
             d.users.leave(out.user)
+
+    #: How often live deliveries are checked against their answer deadlines (seconds).
+    DEADLINE_TICK = 0.1
+
+    def _watch_deadline(self, key: int, msg: Message, out: Outgoing, media: str,
+                        state: "_LiveState") -> None:
+        """One ticking check for all live deliveries instead of a timer each (hot path)."""
+        self._deadlines[key] = (msg.deadline - STORE_RESERVE, msg, out, media, state)
+        if self._deadline_tick is None:
+            self._deadline_tick = asyncio.get_running_loop().call_later(
+                self.DEADLINE_TICK, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._deadline_tick = None
+        now = asyncio.get_running_loop().time()
+        due = [k for k, v in self._deadlines.items() if v[0] <= now]
+        for k in due:
+            _, msg, out, media, state = self._deadlines.pop(k)
+            self._deadline_reached(msg, out, media, state)
+        if self._deadlines:
+            self._deadline_tick = asyncio.get_running_loop().call_later(
+                self.DEADLINE_TICK, self._check_deadlines)
 
     def _deadline_reached(self, msg: Message, out: Outgoing, media: str,
                           state: "_LiveState") -> None:
