@@ -272,11 +272,11 @@ class Engine:
             raise
         except Exception:
             self._tasks.pop(msg.id, None)
-            if msg.answered:
-                return
             self.stats.events["handler_error"] += 1
-            log.exception("handler for %s failed", msg.name)
-            self._fail(msg, 500)
+            log.exception("handler for %s failed%s", msg.name,
+                          " after answering" if msg.answered else "")
+            if not msg.answered:
+                self._fail(msg, 500)
             return
         self._tasks.pop(msg.id, None)
         if not msg.answered:
