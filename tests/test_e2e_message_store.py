@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 
 try:
-    from msg_e2e_harness import assert_clean, sent, Yate, db_exec, db_path, db_rows, run, started, store_ready
+    from msg_e2e_harness import (assert_clean, sent, Yate, db_exec, db_path, db_rows, run,
+                                 started, store_ready, write_conf)
 except ImportError:  # pragma: no cover - tests/ turned into a package
     from tests.msg_e2e_harness import (assert_clean, sent, Yate, db_exec, db_path, db_rows, run,  # type: ignore
-                                       started, store_ready)
+                                       started, store_ready, write_conf)
 
 from yate_sipgen.store import SQLiteMessageStore, StoredMessage
 
@@ -608,6 +609,19 @@ def test_status_counts_received_delivered_stored_expired_and_rejections_by_code(
             assert st["message.rejected403"] == "1"
             assert st["message.rejected404"] == "1"
             assert st["code200"] == "1" and st["code202"] == "1"
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_store_switched_on_by_a_reload_opens_the_database_and_stores(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, message={"store": "false"}) as y:
+            assert (await y.message()).get("code") == "480"  # bob is offline, nothing kept
+            write_conf(tmp_path, message={"store": "true"})
+            assert "reloaded" in await y.command("sipgen reload")
+            assert (await y.message()).get("code") == "202"
+            assert len(await y.stored(BOB)) == 1
             assert_clean(y)
 
     run(scenario)

@@ -42,7 +42,9 @@ config_mod.SECTION_DOCS[S] = (
     "SIP MESSAGE (instant messages): who may send to whom, validation limits, how the sender is "
     "answered, and the offline store. Needs ysipchan.conf [methods] message=... and [message] "
     "enable=no (or msg_execute=true for Yate's own MESSAGE routing).")
-key(S, "enable", "bool", True, "Handle SIP MESSAGE (sip.message from ysipchan).")
+key(S, "enable", "bool", True,
+    "Handle SIP MESSAGE (sip.message from ysipchan). Used only at start (handlers are "
+    "installed in Yate once).")
 key(S, "mode", "choice", "relay",
     "relay: answer after the delivery outcome (200 delivered, 202 stored, or the failure). "
     "accept: answer 202 at once and deliver in the background (as Asterisk and FreeSWITCH do). "
@@ -77,7 +79,8 @@ key(S, "store", "bool", True,
     "Store messages for users who are offline, unreachable or time out, and deliver them when "
     "they register (store and forward).")
 key(S, "database", "path", "",
-    "SQLite file of stored messages. Empty: messages.db in [general] state_dir.")
+    "SQLite file of stored messages. Empty: messages.db in [general] state_dir. A change "
+    "takes effect at the next start ('sipgen restart').")
 key(S, "expire", "int", 259200, "Seconds a stored message is kept (default 3 days).",
     minimum=60, maximum=31536000)
 key(S, "expiry_notice", "bool", False,
@@ -185,6 +188,7 @@ class MessageFeature:
         self._buckets: dict[str, _Bucket] = {}
         self._live = 0
         self._scanner: asyncio.Task[None] | None = None
+        self._started = False
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
         self.state_dir = ""
@@ -269,6 +273,11 @@ class MessageFeature:
                     retry_max=float(self.cfg["retry_max"]),
                     other_targets=self.cfg["other_targets"])
         d.route_timeout = min(self.engine.dispatch_timeout, 5.0)
+        if self._started and self.store is None and self.cfg["store"] and self.cfg["enable"]:
+            # store=true (or a new database path) after a reload: open it now
+            self.prepare()
+            if self.store is not None and self._scanner is None:
+                self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -299,6 +308,7 @@ class MessageFeature:
         self.deliverer.backlog.update(users)
 
     async def start(self) -> None:
+        self._started = True
         if not self.cfg.get("enable"):
             return
         if not self.cfg["domains"]:
