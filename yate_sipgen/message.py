@@ -31,7 +31,7 @@ class Message:
     not UTF-8 appear as lone surrogates (``surrogateescape``) and are written back unchanged.
     """
 
-    __slots__ = ("name", "retval", "params", "extra", "changes", "id", "time",
+    __slots__ = ("name", "retval", "params", "_extra", "_pairs", "changes", "id", "time",
                  "received_at", "deadline", "original_name", "original_retval", "answered",
                  "handled")
 
@@ -41,7 +41,8 @@ class Message:
         self.original_name = name
         self.retval = retval
         self.original_retval = retval
-        self.extra: list[tuple[str, str]] | None = None
+        self._extra: list[tuple[str, str]] | None = None
+        self._pairs: list[tuple[str, str]] | None = None
         if params is None:
             self.params: dict[str, str] = {}
         elif isinstance(params, dict):
@@ -75,7 +76,8 @@ class Message:
         m.name = m.original_name = name
         m.retval = m.original_retval = retval
         m.params = params
-        m.extra = extra
+        m._extra = extra
+        m._pairs = None
         m.changes = None
         m.id = id
         m.time = time
@@ -84,6 +86,35 @@ class Message:
         m.answered = False
         m.handled = False
         return m
+
+    @classmethod
+    def from_pairs(cls, name: str, retval: str, params: dict[str, str],
+                   pairs: list[tuple[str, str]], id: str = "", time: int = 0) -> "Message":
+        """From decoded fields whose ``pairs`` hold duplicates: ``params`` already has the
+        first value of each name; the later duplicates are sorted out only if asked for."""
+        m = cls.from_wire(name, retval, params, None, id=id, time=time)
+        m._pairs = pairs
+        return m
+
+    @property
+    def extra(self) -> list[tuple[str, str]] | None:
+        """Later duplicates of param names, in order (``None`` when there are none)."""
+        if self._pairs is not None:
+            seen: set[str] = set()
+            extra = []
+            for k, v in self._pairs:
+                if k in seen:
+                    extra.append((k, v))
+                else:
+                    seen.add(k)
+            self._extra = extra or None
+            self._pairs = None
+        return self._extra
+
+    @extra.setter
+    def extra(self, value: list[tuple[str, str]] | None) -> None:
+        self._pairs = None
+        self._extra = value
 
     # -- mapping access -------------------------------------------------------------------
     def __getitem__(self, key: str) -> str:

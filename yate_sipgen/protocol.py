@@ -432,6 +432,7 @@ def _msg_line(line: str, answer: bool) -> FromYate:
         raw_done = False
         params = {}
         extra = None
+    dups: list[tuple[str, str]] | None = None
     if len(parts) < 5:
         raise RemoteProtocolError("message line has fewer than 4 fields", line)
     if not raw_done and len(parts) > 5:
@@ -441,20 +442,29 @@ def _msg_line(line: str, answer: bool) -> FromYate:
         if "" in params:
             raise RemoteProtocolError("a param chunk begins with '='", line)
         if len(params) != len(chunks):
-            # rare: duplicates, bare keys (a delete: no-op on a fresh message) or empty
-            # chunks (skipped, as Yate does)
-            params, extra = _collect((k, v) for k, sep, v in kv if sep)
+            # duplicates (an authenticated sip.message has username twice), bare keys (a
+            # delete: no-op on a fresh message) or empty chunks (skipped, as Yate does)
+            pairs = [(k, v) for k, sep, v in kv if sep]
+            if len(pairs) != len(params):
+                # params keeps each name where it came first but with its last value; the
+                # reversed dict has the first values: update() puts them in place (all in C)
+                params.update(dict(reversed(pairs)))
+                dups = pairs
     mid = parts[1]
     if answer:
         handled = parse_bool(parts[2])
         if handled is None:
             raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
-        msg = Message.from_wire(parts[3], parts[4], params, extra, id=mid)
+        msg = (Message.from_wire(parts[3], parts[4], params, extra, id=mid) if dups is None
+               else Message.from_pairs(parts[3], parts[4], params, dups, id=mid))
         if mid:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)
     t = parts[2]
     t_val = int(t) if (t.isascii() and t.isdigit() and len(t) < 20) else _int(t, "time")
+    if dups is not None:
+        return MessageReceived(Message.from_pairs(parts[3], parts[4], params, dups, id=mid,
+                                                  time=t_val))
     return MessageReceived(Message.from_wire(parts[3], parts[4], params, extra, id=mid, time=t_val))
 
 
