@@ -33,7 +33,7 @@ from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
 from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
                    new_call_id, new_tag, parse_name_addr, parse_uri)
 from ..store import AsyncStore, SQLiteMessageStore
-from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target
+from .delivery import STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Target
 
 log = logging.getLogger("yate_sipgen.message")
 
@@ -189,6 +189,8 @@ class MessageFeature:
         self._live = 0
         self._scanner: asyncio.Task[None] | None = None
         self._started = False
+        self._scan_gate = CountGate(self.SCAN_PARALLEL)
+        self._scanning: set[str] = set()
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
         self.state_dir = ""
@@ -603,6 +605,9 @@ class MessageFeature:
         finally:
             d.users.leave(out.user)
 
+    #: Stored-message retry runs at once (each starts with a call.route lookup).
+    SCAN_PARALLEL = 20
+
     #: How often live deliveries are checked against their answer deadlines (seconds).
     DEADLINE_TICK = 0.1
 
@@ -827,11 +832,25 @@ class MessageFeature:
             await self._forget_if_empty(user)
         users = await (store.users() if initial else store.users_due(now))
         for user in users:
-            if self.deliverer.users.locked(user):
+            if self.deliverer.users.locked(user) or user in self._scanning:
                 continue
-            self.engine.spawn(self.deliverer.flush_user(user, None, self._route_key,
-                                                        due_only=not initial),
+            self._scanning.add(user)
+            self.engine.spawn(self._scan_user(user, due_only=not initial),
                               f"stored delivery to {user}")
+
+    async def _scan_user(self, user: str, due_only: bool) -> None:
+        """One retry run, at most SCAN_PARALLEL at once: a start with thousands of users
+        with stored messages must not flood Yate with call.route lookups."""
+        waiter = self._scan_gate.enter()
+        try:
+            if waiter is not None:
+                await self._scan_gate.wait(waiter)
+            try:
+                await self.deliverer.flush_user(user, None, self._route_key, due_only=due_only)
+            finally:
+                self._scan_gate.leave()
+        finally:
+            self._scanning.discard(user)
 
     async def _notice(self, row: Any) -> None:
         sender_user, _, sender_host = row.sender.rpartition("@")
