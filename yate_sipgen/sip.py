@@ -22,12 +22,14 @@ class HeaderValueError(ValueError):
 
 def header_safe(value: str) -> str:
     """Return ``value`` if it can be a header value as is; raise for CR/LF/control chars."""
+    if value.isascii() and value.isprintable():  # the usual case, without a regex
+        return value
     if _CTL.search(value):
         raise HeaderValueError(f"control character in header value {value[:40]!r}")
     return value
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # built per request: frozen dataclasses construct slowly
 class SipUri:
     scheme: str  # sip, sips, tel
     user: str
@@ -57,10 +59,18 @@ _USER = re.compile(r"[A-Za-z0-9\-_.!~*'()&=+$,;?/%]+")
 _SIMPLE_URI = re.compile(r"(sips?):([A-Za-z0-9\-_.!~*'()&=+$,?/%]+)@([A-Za-z0-9.-]+)")
 
 
+def _plain_host(host: str) -> bool:
+    return host.isascii() and host.replace(".", "").replace("-", "").isalnum()
+
+
 def parse_uri(text: str) -> SipUri | None:
     """Parse ``sip:user@host:port;params`` (also inside ``<...>``); ``None`` if it is not one."""
+    if text[:4] == "sip:":  # the usual ``sip:user@host``: string methods, no regex (hot path)
+        user, at, host = text[4:].partition("@")
+        if at and user.isascii() and user.isalnum() and _plain_host(host):
+            return SipUri("sip", user, host.lower(), None, "")
     m = _SIMPLE_URI.fullmatch(text)
-    if m is not None:  # the usual ``sip:user@host``, one match (hot path)
+    if m is not None:
         return SipUri(m.group(1).lower(), m.group(2), m.group(3).lower(), None, "")
     text = text.strip()
     if text.startswith("<"):
@@ -84,7 +94,7 @@ def parse_uri(text: str) -> SipUri | None:
                   m.group("params") or "")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NameAddr:
     display: str  # unquoted display name ("" if none)
     uri: SipUri
@@ -96,8 +106,37 @@ _SIMPLE_NA = re.compile(
     r'(?:;tag=([A-Za-z0-9\-_.!~*\'()+%]+))?')
 
 
+def _simple_name_addr(text: str) -> NameAddr | None:
+    """``"Display" <sip:user@host>;tag=x`` with plain parts, by string methods; else None."""
+    lt = text.find("<")
+    gt = text.find(">", lt)
+    if lt < 0 or gt < 0:
+        return None
+    head = text[:lt].rstrip()
+    if head:
+        if len(head) < 2 or head[0] != '"' or head[-1] != '"':
+            return None
+        display = head[1:-1]
+        if '"' in display or "\\" in display or not display.isprintable():
+            return None
+    else:
+        display = ""
+    uri = parse_uri(text[lt + 1:gt])
+    if uri is None or uri.port is not None:
+        return None
+    rest = text[gt + 1:]
+    if not rest:
+        return NameAddr(display, uri, "")
+    if rest[:5] == ";tag=" and rest[5:].isascii() and rest[5:].replace("-", "").isalnum():
+        return NameAddr(display, uri, rest[5:])
+    return None
+
+
 def parse_name_addr(text: str) -> NameAddr | None:
     """Parse a From/To value: ``"Display" <uri>;tag=x``, ``Display <uri>`` or a bare URI."""
+    na = _simple_name_addr(text)
+    if na is not None:  # the usual shape (hot path)
+        return na
     m = _SIMPLE_NA.fullmatch(text)
     if m is not None:  # the usual shape, in one regex match (hot path)
         port = int(m.group(5)) if m.group(5) else None
@@ -179,6 +218,8 @@ def quote_display(display: str) -> str:
 
     Control characters are dropped: a display name must never break the header.
     """
+    if display.isalnum():  # the usual name: nothing to escape or drop
+        return '"' + display + '"'
     clean = _CTL.sub("", display.replace("\t", " "))
     return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -132,7 +132,7 @@ class CountGate:
                 fut.set_result(None)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Target:
     """Where to send: a ``sip/`` URI (``uri``) or any other Yate ``callto``."""
 
