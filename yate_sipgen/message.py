@@ -70,14 +70,19 @@ class Message:
 
     @classmethod
     def from_wire(cls, name: str, retval: str, params: dict[str, str],
-                  extra: list[tuple[str, str]] | None, id: str = "", time: int = 0) -> "Message":
-        """Build from decoded fields without copying (used by the codec)."""
+                  pairs: list[tuple[str, str]] | None = None, id: str = "",
+                  time: int = 0) -> "Message":
+        """Build from decoded fields without copying (used by the codec).
+
+        ``params`` holds the first value of each name; ``pairs``, when the line had duplicate
+        names, is every pair in order: the later duplicates are sorted out only if asked for.
+        """
         m = cls.__new__(cls)
         m.name = m.original_name = name
         m.retval = m.original_retval = retval
         m.params = params
-        m._extra = extra
-        m._pairs = None
+        m._extra = None
+        m._pairs = pairs
         m.changes = None
         m.id = id
         m.time = time
@@ -85,15 +90,6 @@ class Message:
         m.deadline = 0.0
         m.answered = False
         m.handled = False
-        return m
-
-    @classmethod
-    def from_pairs(cls, name: str, retval: str, params: dict[str, str],
-                   pairs: list[tuple[str, str]], id: str = "", time: int = 0) -> "Message":
-        """From decoded fields whose ``pairs`` hold duplicates: ``params`` already has the
-        first value of each name; the later duplicates are sorted out only if asked for."""
-        m = cls.from_wire(name, retval, params, None, id=id, time=time)
-        m._pairs = pairs
         return m
 
     @property

@@ -329,8 +329,9 @@ def _decode(raw: bytes) -> str:
     return raw.decode(ENCODING, ERRORS)
 
 
-def _params(chunks: list[str], start: int) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
-    """Decode ``k=v`` chunks as Yate writes them (names may carry ``%}``)."""
+def _raw_pairs(chunks: list[str], start: int) -> list[tuple[str, str]]:
+    """Decode ``k=v`` chunks one by one, splitting each on its raw ``=`` first (for lines
+    whose param names carry Yate's ``%}``)."""
     pairs: list[tuple[str, str]] = []
     for i in range(start, len(chunks)):
         chunk = chunks[i]
@@ -343,21 +344,21 @@ def _params(chunks: list[str], start: int) -> tuple[dict[str, str], list[tuple[s
             continue  # a bare key deletes; on a message we just built that is a no-op
         pairs.append((unescape(k, name=True) if "%" in k else k,
                       unescape(v) if "%" in v else v))
-    return _collect(pairs)
+    return pairs
 
 
-def _collect(pairs) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
-    """First value of each name in a dict (Yate's getParam), later duplicates in order."""
-    params: dict[str, str] = {}
-    extra: list[tuple[str, str]] | None = None
-    for k, v in pairs:
-        if k in params:
-            if extra is None:
-                extra = []
-            extra.append((k, v))
-        else:
-            params[k] = v
-    return params, extra
+def _first_values(params: dict[str, str], pairs: list[tuple[str, str]]
+                  ) -> list[tuple[str, str]] | None:
+    """``params`` is ``dict(pairs)``: each name where it came first, with its last value.
+
+    With duplicates (an authenticated sip.message has ``username`` twice), give every name its
+    first value, as Yate's getParam does -- the reversed dict has them; ``update()`` puts them
+    in place, all in C -- and return the pairs so the later duplicates can be listed on demand.
+    """
+    if len(params) == len(pairs):
+        return None
+    params.update(dict(reversed(pairs)))
+    return pairs
 
 
 _C_NUMBER = re.compile(r"\s*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]{0,18})")
@@ -419,53 +420,42 @@ def _fields(line: str) -> list[str]:
 
 
 def _msg_line(line: str, answer: bool) -> FromYate:
+    dups: list[tuple[str, str]] | None = None
     if "%}" in line:
         # an '=' inside a param name: split each chunk on its raw '=' before unescaping
         raw = line.split(":")
         if len(raw) < 5:
             raise RemoteProtocolError("message line has fewer than 4 fields", line)
         parts = [unescape(f) for f in raw[:5]]
-        params, extra = _params(raw, 5)
-        raw_done = True
+        pairs = _raw_pairs(raw, 5)
+        params = dict(pairs)
+        dups = _first_values(params, pairs)
     else:
         parts = _fields(line)
-        raw_done = False
-        params = {}
-        extra = None
-    dups: list[tuple[str, str]] | None = None
-    if len(parts) < 5:
-        raise RemoteProtocolError("message line has fewer than 4 fields", line)
-    if not raw_done and len(parts) > 5:
+        if len(parts) < 5:
+            raise RemoteProtocolError("message line has fewer than 4 fields", line)
         chunks = parts[5:]
         kv = [c.partition("=") for c in chunks]
         params = {k: v for k, sep, v in kv if sep}
         if "" in params:
             raise RemoteProtocolError("a param chunk begins with '='", line)
         if len(params) != len(chunks):
-            # duplicates (an authenticated sip.message has username twice), bare keys (a
-            # delete: no-op on a fresh message) or empty chunks (skipped, as Yate does)
-            pairs = [(k, v) for k, sep, v in kv if sep]
-            if len(pairs) != len(params):
-                # params keeps each name where it came first but with its last value; the
-                # reversed dict has the first values: update() puts them in place (all in C)
-                params.update(dict(reversed(pairs)))
-                dups = pairs
+            # duplicates, bare keys (a delete: no-op on a fresh message) or empty chunks
+            # (skipped, as Yate does)
+            dups = _first_values(params, [(k, v) for k, sep, v in kv if sep])
     mid = parts[1]
     if answer:
         handled = parse_bool(parts[2])
         if handled is None:
             raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
-        msg = (Message.from_wire(parts[3], parts[4], params, extra, id=mid) if dups is None
-               else Message.from_pairs(parts[3], parts[4], params, dups, id=mid))
+        msg = Message.from_wire(parts[3], parts[4], params, dups, id=mid)
         if mid:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)
     t = parts[2]
     t_val = int(t) if (t.isascii() and t.isdigit() and len(t) < 20) else _int(t, "time")
-    if dups is not None:
-        return MessageReceived(Message.from_pairs(parts[3], parts[4], params, dups, id=mid,
-                                                  time=t_val))
-    return MessageReceived(Message.from_wire(parts[3], parts[4], params, extra, id=mid, time=t_val))
+    return MessageReceived(Message.from_wire(parts[3], parts[4], params, dups, id=mid,
+                                             time=t_val))
 
 
 def _split_last(rest: str, line: str) -> tuple[str, bool]:
@@ -608,7 +598,6 @@ def parse_script_line(raw: bytes) -> FromScript | None:
         if t_num is None or t_num < 0:
             raise RemoteProtocolError(f"bad time {t[:40]!r}", line)
         params: dict[str, str] = {}
-        extra: list[tuple[str, str]] | None = None
         for chunk in parts[5:]:
             if not chunk:
                 continue
@@ -619,7 +608,7 @@ def parse_script_line(raw: bytes) -> FromScript | None:
                 params.pop(k, None)
                 continue
             params[k] = v  # Yate's setParam: a repeated name updates the first one
-        msg = Message.from_wire(unescape(parts[3]), unescape(parts[4]), params, extra,
+        msg = Message.from_wire(unescape(parts[3]), unescape(parts[4]), params,
                                 id=unescape(parts[1]), time=t_num)
         return MessageReceived(msg)
     raise RemoteProtocolError("unknown keyword", line)

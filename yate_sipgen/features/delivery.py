@@ -335,7 +335,7 @@ class Deliverer:
             p["connection_id"] = target.connection_id
         if out.auto:
             p["sip_Auto-Submitted"] = "auto-generated"
-        answer = await self.engine.dispatch(Message.from_wire("xsip.generate", "", p, None),
+        answer = await self.engine.dispatch(Message.from_wire("xsip.generate", "", p),
                                             timeout=self.delivery_timeout)
         return _code_of(answer)
 
