@@ -167,6 +167,12 @@ class Inbound:
     media: str
 
 
+def _hops(msg: Message) -> int:
+    """Hops left (Yate's ``antiloop``, from Max-Forwards); 20 when absent or not a number."""
+    antiloop = msg.get("antiloop", "")
+    return int(antiloop) if antiloop.lstrip("-").isdigit() else 20
+
+
 class _Bucket:
     __slots__ = ("tokens", "stamp")
 
@@ -342,8 +348,7 @@ class MessageFeature:
         cfg = self.cfg
         if cfg["mode"] == "lateroute":
             return self._lateroute(msg)
-        antiloop = msg.get("antiloop", "")
-        hops = int(antiloop) if antiloop.lstrip("-").isdigit() else 20
+        hops = _hops(msg)
         if hops <= 0:
             return self._reject(msg, 483, "antiloop exhausted")
         if "id" in msg:
@@ -383,17 +388,10 @@ class MessageFeature:
             extra = {k: v for k, v in msg.items() if k.startswith(_BODY_PARAMS)}
         else:
             extra = {}
-        size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogateescape"))
-        if extra:
-            size += sum(len(v) for v in extra.values())
-        if size > cfg["max_body"]:
-            self._reject(msg, 413, f"body of {size} bytes")
+        too_big = self._too_big(body, extra)
+        if too_big:
+            self._reject(msg, 413, too_big)
             return 413
-        if 3 * size > _ONWARD_ROOM:  # escaping can at most triple it: measure only then
-            onward = escaped_size(body) + sum(escaped_size(v) for v in extra.values())
-            if onward > _ONWARD_ROOM:
-                self._reject(msg, 413, f"body of {size} bytes ({onward} once escaped)")
-                return 413
         # who sends
         frm = parse_name_addr(params.get("sip_from", ""))
         if frm is None:
@@ -445,6 +443,20 @@ class MessageFeature:
             return 483
         return Inbound(out, rcpt_user, ruri.host, sender_user, frm.uri.host,
                        bool(username), foreign, media)
+
+    def _too_big(self, body: str, extra: dict[str, str]) -> str:
+        """Why the body cannot be taken (413), or "": over ``max_body`` bytes, or too big for
+        the line it must travel on to Yate once escaped."""
+        size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogateescape"))
+        if extra:
+            size += sum(len(v) for v in extra.values())
+        if size > self.cfg["max_body"]:
+            return f"body of {size} bytes"
+        if 3 * size > _ONWARD_ROOM:  # escaping can at most triple it: measure only then
+            onward = escaped_size(body) + sum(escaped_size(v) for v in extra.values())
+            if onward > _ONWARD_ROOM:
+                return f"body of {size} bytes ({onward} once escaped)"
+        return ""
 
     def serves(self, host: str) -> bool:
         """Is ``host`` one of our domains (always, when ``domains`` is empty)?"""
@@ -709,10 +721,9 @@ class MessageFeature:
         if not media or media not in self.cfg["_types"]:
             return self._reject(msg, 415, f"content type {media or '(none)'}",
                                 Accept=self.cfg["_accept"])
-        body = msg.get("xsip_body", "")
-        if (len(body.encode("utf-8", "surrogateescape")) > self.cfg["max_body"]
-                or escaped_size(body) > max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD):
-            return self._reject(msg, 413, f"body of {len(body)} characters")
+        too_big = self._too_big(msg.get("xsip_body", ""), {})
+        if too_big:
+            return self._reject(msg, 413, too_big)
         if peer.startswith("sip/"):
             m = Message("xsip.generate", {"method": "MESSAGE", "id": peer, "wait": "true",
                                           "antiloop": str(max(hops - 1, 1)),
@@ -762,8 +773,7 @@ class MessageFeature:
         if not (callto.startswith("sip/") or callto.startswith("sipgen/store/")):
             return False
         self.counters["received"] += 1
-        antiloop = msg.get("antiloop", "")
-        hops = int(antiloop) if antiloop.lstrip("-").isdigit() else 20
+        hops = _hops(msg)
         if hops <= 0:
             return self._reject(msg, 483, "antiloop exhausted")
         inb = self._inbound(msg, hops)
