@@ -71,9 +71,7 @@ class App:
         self.name: str = g["name"]
         self._mode: str = self.config["connection"]["mode"]
         self.stats = Stats()
-        self.engine = Engine(answer_within=(g["timeout"] - g["answer_margin"]) / 1000.0,
-                             dispatch_timeout=g["dispatch_timeout"] / 1000.0,
-                             max_in_progress=g["max_in_progress"], stats=self.stats)
+        self.engine = Engine(**_engine_limits(g), stats=self.stats)
         self.engine.on_reply = self._on_reply
         self.console = Console(self.engine, self.name, self.status_info, self.reload,
                                self.set_debuglevel)
@@ -189,9 +187,8 @@ class App:
         old = self.config
         self.config = new
         g = new["general"]
-        self.engine.answer_within = (g["timeout"] - g["answer_margin"]) / 1000.0
-        self.engine.dispatch_timeout = g["dispatch_timeout"] / 1000.0
-        self.engine.max_in_progress = g["max_in_progress"]
+        for name, value in _engine_limits(g).items():
+            setattr(self.engine, name, value)
         if self.engine.session is not None:
             self.engine.session.answer_within = self.engine.answer_within
             if g["timeout"] != old["general"]["timeout"]:
@@ -338,6 +335,13 @@ class App:
                 log.warning("connection to Yate lost; reconnecting")
                 await asyncio.wait([self._stop], timeout=backoff)
         return self._stop.result()
+
+
+def _engine_limits(g: dict[str, Any]) -> dict[str, Any]:
+    """The Engine's timing and load settings from ``[general]`` (at start and on reload)."""
+    return {"answer_within": (g["timeout"] - g["answer_margin"]) / 1000.0,
+            "dispatch_timeout": g["dispatch_timeout"] / 1000.0,
+            "max_in_progress": g["max_in_progress"]}
 
 
 def _stdin_is_pipe() -> bool:
