@@ -161,10 +161,11 @@ def test_recipient_domain_is_the_request_uri_host_not_yates_domain_param(tmp_pat
     run(scenario)
 
 
-def test_users_are_keyed_by_user_at_domain_alice_at_a_and_alice_at_b_never_share(
+def test_without_domain_aliases_alice_at_a_and_alice_at_b_never_share(
         tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with started(tmp_path, {"domains": "a.example,b.example"}) as y:
+        async with started(tmp_path, {"domains": "a.example,b.example",
+                                      "domain_aliases": "false"}) as y:
             y.known |= {"alice@a.example", "alice@b.example"}
             common = dict(caller="carol", username="carol", domain="a.example", called="alice",
                           sip_from="<sip:carol@a.example>;tag=1")
@@ -181,6 +182,29 @@ def test_users_are_keyed_by_user_at_domain_alice_at_a_and_alice_at_b_never_share
             assert await y.stored("alice@a.example") == []
             (left,) = await y.stored()
             assert "alice@b.example" in left
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_domain_aliases_one_user_whichever_served_host_registers_or_is_messaged(
+        tmp_path: Path) -> None:
+    """A phone registering at our IP gets what was sent to our name (and the reverse)."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"domains": "example.com,10.0.0.5"}) as y:
+            y.known |= {"bob@10.0.0.5"}
+            r1 = await y.message(xsip_body="to the name")
+            r2 = await y.message(sip_uri="sip:bob@10.0.0.5", xsip_body="to the address")
+            assert (r1.get("code"), r2.get("code")) == ("202", "202")
+            assert len(await y.stored("bob@example.com")) == 2  # the main (first) domain
+            await y.register("bob", "10.0.0.5", "sip:bob@192.0.2.30:5060")
+            await y.wait_xsip(2)
+            await y.settle()
+            assert y.bodies() == ["to the name", "to the address"]  # in order
+            # each keeps the To the sender wrote
+            assert [m.get("sip_To") for m in y.xsip_seen] == ["<sip:bob@example.com>",
+                                                               "<sip:bob@10.0.0.5>"]
+            assert await y.stored() == []
             assert_clean(y)
 
     run(scenario)

@@ -345,3 +345,51 @@ def test_lateroute_mode_answers_415_without_content_type(tmp_path: Path) -> None
             assert_clean(y)
 
     run(scenario)
+
+
+def test_msg_execute_path_applies_the_senders_rate_limit(tmp_path: Path) -> None:
+    """Set-up (B) is rate-limited like (A): 503 with Retry-After past the burst."""
+    async def scenario() -> None:
+        conf = dict(MSG_EXECUTE, sender_rate="0.5", sender_burst="2")
+        async with started(tmp_path, conf) as y:
+            y.register_contact(BOB, BOB_URI)
+            ysipchan_msg_execute(y)
+            codes = []
+            for _ in range(3):
+                _, ex = await ysipchan_native(y)
+                codes.append((ex.get("code"), ex.get("osip_Retry-After")))
+            assert codes == [("200", None), ("200", None), ("503", "2")]
+            # offline users (our store target) are limited too
+            ex = await y.fy.dispatch("msg.execute", params_of(BASE) + [
+                ("callto", "sipgen/store/bob@example.com")])
+            assert ex.get("code") == "503" and await y.stored() == []
+            assert len(sent(y, "xsip.generate")) == 2
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_msg_execute_path_in_accept_mode_answers_202_at_once_then_delivers(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, dict(MSG_EXECUTE, mode="accept")) as y:
+            y.register_contact(BOB, BOB_URI)
+            ysipchan_msg_execute(y)
+            release = asyncio.Event()
+
+            async def slow(m):
+                await release.wait()
+                return 200
+
+            y.xsip = slow
+            t0 = time.monotonic()
+            _, ex = await ysipchan_native(y)
+            assert ex.handled and ex.get("code") == "202"
+            assert time.monotonic() - t0 < 1.0  # not after the delivery
+            release.set()
+            await y.wait_xsip(1)
+            await y.settle()
+            assert (await y.status()).get("message.delivered") == "1"
+            assert_clean(y)
+
+    run(scenario)

@@ -234,6 +234,13 @@ class App:
             self._stop.set_result(code)
 
     async def run(self) -> int:
+        """Serve until stdin EOF / SIGTERM / a restart; returns the exit code.
+
+        The event loop never blocks from here on (the store opens in its own thread, the
+        crash back-off is a timer), so Yate closing our stdin ends the run at once in every
+        phase: Yate sends SIGTERM 30-60 ms later and a script still alive then is logged as
+        "has not exited on closing stdin".
+        """
         loop = asyncio.get_running_loop()
         self._stop = loop.create_future()
         for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -241,22 +248,22 @@ class App:
                 loop.add_signal_handler(sig, self.stop, 0)
             except (NotImplementedError, RuntimeError):
                 pass
-        delay = 0.0
-        if not self.config_error:
-            self.lifecycle = Lifecycle(self.config["general"]["state_dir"])
-            delay = self.lifecycle.begin()
-            loop.call_later(STABLE_AFTER, self.lifecycle.stable)
-            for f in self.features:
-                prepare = getattr(f, "prepare", None)
-                if prepare is not None:
-                    prepare()  # e.g. open databases before Yate can hand us anything
         if self.mode == "pipe":
-            code = await self._run_pipe(delay)
+            code = await self._run_pipe()
         else:
-            code = await self._run_socket(delay)
+            code = await self._run_socket()
         if self.lifecycle is not None:
             self.lifecycle.clean_exit()
         return code
+
+    def _begin_lifecycle(self) -> float:
+        """Record the start; the crash back-off delay (0 when none)."""
+        if self.config_error:
+            return 0.0
+        self.lifecycle = Lifecycle(self.config["general"]["state_dir"])
+        delay = self.lifecycle.begin()
+        asyncio.get_running_loop().call_later(STABLE_AFTER, self.lifecycle.stable)
+        return delay
 
     def _announce(self) -> None:
         if self.config_error:
@@ -270,26 +277,26 @@ class App:
         for f in self.features:
             await f.start()
 
-    async def _run_pipe(self, delay: float) -> int:
+    async def _run_pipe(self) -> int:
         from .transport import open_pipes
 
         def lost() -> None:
             self.stop(0)  # stdin EOF: Yate is done with us; SIGTERM follows in 30-60 ms
 
-        if delay:
-            sys.stderr.write(f"{self.name}: crashed {self.lifecycle.crashes} times in a row, "
-                             f"waiting {delay:g}s before starting\n")
+        # stdin is read from the first moment (an EOF must end us in any phase); what Yate
+        # writes before the engine is attached waits in the engine's buffer
         reader, wt = await open_pipes(self.engine.feed, lost)
+        delay = self._begin_lifecycle()
         if delay:
-            wt.write(p.Encoder().output(
-                f"{self.name}: crashed {self.lifecycle.crashes} times in a row; waiting "
-                f"{delay:g}s before starting (see {self.lifecycle.path})"))
+            why = (f"{self.name}: crashed {self.lifecycle.crashes} times in a row; waiting "
+                   f"{delay:g}s before starting (see {self.lifecycle.path})")
+            sys.stderr.write(why + "\n")  # Yate's console / -l log, whatever its debug level
+            wt.write(p.Encoder().output(why))
             # Nothing is installed yet, so Yate has nothing to send us meanwhile.
             done, _ = await asyncio.wait([self._stop], timeout=delay)
             if done:
                 return self._stop.result()
         self.engine.attach(wt.write, setlocals=self.setlocals())
-        reader.transport.resume_reading()
         self._announce()
         if not self.config_error:
             self.engine.spawn(self._start_features(), "feature start-up")
@@ -297,13 +304,14 @@ class App:
         self.engine.flush()
         return code
 
-    async def _run_socket(self, delay: float) -> int:
+    async def _run_socket(self) -> int:
         from .transport import open_socket
 
         c = self.config["connection"]
         backoff = c["reconnect_min"]
+        delay = self._begin_lifecycle()
         if delay:
-            await asyncio.sleep(delay)
+            await asyncio.wait([self._stop], timeout=delay)
         first = True
         while not self._stop.done():
             lost_fut = asyncio.get_running_loop().create_future()

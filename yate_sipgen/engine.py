@@ -101,6 +101,7 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_reply: Callable[[object], None] | None = None  # keyword replies, for the app
         self.on_connected: list[Callable[[], None]] = []  # hooks run after each (re)connect
+        self._early: list[bytes] = []  # read before attach(): fed once attached
 
     # -- registration ------------------------------------------------------------------------
     def handler(self, name: str, *, priority: int = 100, filter: tuple[str, str] | None = None,
@@ -151,6 +152,9 @@ class Engine:
         self.flush()
         for cb in self.on_connected:
             cb()
+        if self._early:
+            early, self._early = b"".join(self._early), []
+            self.feed(early)
         return s
 
     def detach(self) -> None:
@@ -163,6 +167,7 @@ class Engine:
                 fut.set_exception(DispatchCancelled("connection to Yate closed"))
         self._futures.clear()
         self._expiry.clear()
+        self._early = []
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
@@ -188,6 +193,7 @@ class Engine:
         """Bytes from Yate: decode, run what they ask for, write what resulted (one write)."""
         s = self.session
         if s is None:
+            self._early.append(data)  # nothing is lost before attach()
             return
         now = self._loop.time()
         for ev in s.receive_data(data, now):

@@ -11,7 +11,13 @@ stored message at the same time, and rows are always taken in order (a user's ba
 claimed at all while its oldest row is leased elsewhere).
 
 :class:`AsyncStore` runs every call in one dedicated thread: SQLite work (and its fsync) never
-blocks the event loop.
+blocks the event loop, not even opening the file (a database locked by another process makes
+SQLite wait up to its busy timeout; the script must still answer Yate and exit at once when its
+stdin closes).
+
+Lease owners name their process (:func:`new_owner`: host, pid, the pid's start time): a row
+leased by a process of this host that no longer runs is given back at start
+(:meth:`SQLiteMessageStore.recover_leases`) instead of waiting for the lease to run out.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
+import socket
 import sqlite3
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,7 +110,50 @@ class MessageStore(ABC):
     def purge(self, user: str | None = None) -> int: ...
 
     @abstractmethod
+    def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
+        """Give back every row leased by an owner ``is_dead`` says is gone; returns how many."""
+
+    @abstractmethod
+    def rekey(self, key: Callable[[str], str]) -> int:
+        """Move rows stored under a user key to ``key(user)`` (aliases merged); returns how
+        many rows moved. Order is kept: rows are taken by id."""
+
+    @abstractmethod
     def close(self) -> None: ...
+
+
+def _proc_start(pid: int) -> str:
+    """The start time of ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22), or ""."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+_HOST = socket.gethostname().replace(":", "_")
+
+
+def new_owner() -> str:
+    """A lease owner name unique to this process: ``sipgen:<host>:<pid>:<start>:<random>``.
+
+    The start time tells a live process from a later one that got the same pid.
+    """
+    pid = os.getpid()
+    return f"sipgen:{_HOST}:{pid}:{_proc_start(pid)}:{secrets.token_hex(4)}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when ``owner`` names a process of *this* host that is gone.
+
+    Owners of other hosts (several Yate nodes on one database) and names in an older format
+    are never judged: their leases run out by themselves.
+    """
+    parts = owner.split(":")
+    if len(parts) != 5 or parts[0] != "sipgen" or parts[1] != _HOST or not parts[2].isdigit():
+        return False
+    start = _proc_start(int(parts[2]))
+    return not start or start != parts[3]
 
 
 _SCHEMA = """
@@ -261,28 +313,86 @@ class SQLiteMessageStore(MessageStore):
             cur = self.db.execute("DELETE FROM messages WHERE user=?", (user,))
         return cur.rowcount
 
+    def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
+        owners = [r[0] for r in self.db.execute(
+            "SELECT DISTINCT lease_owner FROM messages WHERE lease_owner != '' "
+            "AND lease_until > 0")]
+        dead = [o for o in owners if is_dead(o)]
+        n = 0
+        for o in dead:
+            n += self.db.execute("UPDATE messages SET lease_owner='', lease_until=0 "
+                                 "WHERE lease_owner=?", (o,)).rowcount
+        return n
+
+    def rekey(self, key: Callable[[str], str]) -> int:
+        moves = [(key(u), u) for u in self.users()]
+        moves = [(new, old) for new, old in moves if new != old]
+        n = 0
+        for new, old in moves:
+            n += self.db.execute("UPDATE messages SET user=? WHERE user=?", (new, old)).rowcount
+        return n
+
     def close(self) -> None:
         self.db.close()
 
 
-class AsyncStore:
-    """Runs a :class:`MessageStore` in one dedicated thread; every method is awaitable."""
+class StoreUnavailable(Exception):
+    """The store could not be opened; nothing can be stored or read."""
 
-    def __init__(self, store: MessageStore) -> None:
-        self.store = store
+
+class AsyncStore:
+    """Runs a :class:`MessageStore` in one dedicated thread; every method is awaitable.
+
+    Given a callable instead of a store, it opens the store *in that thread*: the event loop
+    goes on at once, and calls made meanwhile queue behind the opening (one thread, first in
+    first out). :meth:`opened` waits for it; if opening failed, every call raises
+    :class:`StoreUnavailable`.
+    """
+
+    def __init__(self, store: MessageStore | Callable[[], MessageStore]) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sipgen-store")
+        self.error: BaseException | None = None
+        if isinstance(store, MessageStore):
+            self.store: MessageStore | None = store
+            self._ready: Future[None] = Future()
+            self._ready.set_result(None)
+        else:
+            self.store = None
+            self._ready = self._pool.submit(self._open, store)
+
+    def _open(self, opener: Callable[[], MessageStore]) -> None:
+        try:
+            self.store = opener()
+        except BaseException as e:
+            self.error = e
+            raise
+
+    @property
+    def is_open(self) -> bool:
+        return self._ready.done() and self.store is not None
+
+    async def opened(self) -> None:
+        """Wait until the store is open; raises what opening raised."""
+        await asyncio.wrap_future(self._ready)
+
+    def _run(self, name: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+        if self.store is None:
+            raise StoreUnavailable(f"message store not open: {self.error!r}")
+        return getattr(self.store, name)(*args, **kw)
 
     def __getattr__(self, name: str):
-        fn = getattr(self.store, name)
+        if name.startswith("_"):
+            raise AttributeError(name)
 
         async def call(*args: Any, **kw: Any) -> Any:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kw))
+            return await loop.run_in_executor(self._pool, self._run, name, args, kw)
 
         return call
 
     def close(self) -> None:
-        self._pool.submit(self.store.close)
+        if self.store is not None:
+            self._pool.submit(self.store.close)
         self._pool.shutdown(wait=True)
 
 

@@ -54,7 +54,6 @@ async def open_pipes(feed: Callable[[bytes], None], lost: Callable[[], None]
     reader = YateProtocol(feed, lost)
     rt, _ = await loop.connect_read_pipe(lambda: reader,
                                          os.fdopen(0, "rb", buffering=0, closefd=False))
-    rt.pause_reading()  # resumed once the engine is attached: no line may be dropped
     try:
         wt, _ = await loop.connect_write_pipe(lambda: _WriteProtocol(lost),
                                               os.fdopen(1, "wb", buffering=0, closefd=False))

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
-import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -30,7 +28,7 @@ from typing import Any
 from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..message import Message
 from ..sip import YATE_ERRORS, http_date
-from ..store import AsyncStore, StoredMessage
+from ..store import AsyncStore, StoredMessage, new_owner
 
 log = logging.getLogger("yate_sipgen.delivery")
 
@@ -244,9 +242,8 @@ class Deliverer:
         self.engine = engine
         self.counters = counters
         self.store: AsyncStore | None = None
-        # unique per instance even for two identical processes started in the same second
-        # (id() repeats across processes without address randomisation)
-        self.owner = f"sipgen-{os.getpid()}-{secrets.token_hex(4)}"
+        # unique per instance, and tells whether its process still runs (store.owner_is_dead)
+        self.owner = new_owner()
         self.backlog: set[str] = set()  # users with stored rows (this instance's view)
         self.users = UserGate()  # one delivery at a time per user (RFC 3428 §8)
         self.slots = CountGate(200)  # deliveries waiting on Yate at once

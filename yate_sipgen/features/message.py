@@ -32,7 +32,7 @@ from ..message import Message
 from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
 from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
                    new_call_id, new_tag, parse_name_addr, parse_uri)
-from ..store import AsyncStore, SQLiteMessageStore
+from ..store import AsyncStore, SQLiteMessageStore, owner_is_dead
 from .delivery import STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Target
 
 log = logging.getLogger("yate_sipgen.message")
@@ -65,6 +65,10 @@ key(S, "allow_from_mismatch", "bool", False,
 key(S, "domains", "list", (),
     "Domains we serve (Request-URI hosts), e.g. example.com,192.0.2.10. A MESSAGE for another "
     "host gets 403 (no open relay). Empty: every host counts as ours.")
+key(S, "domain_aliases", "bool", True,
+    "The hosts in 'domains' are names of one domain (e.g. example.com,10.0.0.5): a user is "
+    "the same whichever of them a phone registers with or a sender writes, and stored "
+    "messages are kept under the first. false: each host is a domain of its own (user@host).")
 key(S, "relay_foreign", "bool", False,
     "Send MESSAGEs for hosts outside 'domains' straight to their Request-URI (authenticated "
     "senders only) instead of answering 403.")
@@ -199,6 +203,7 @@ class MessageFeature:
         self._scanning: set[str] = set()
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
+        self._opening: asyncio.Task[None] | None = None
         self.state_dir = ""
 
     # -- --check support ------------------------------------------------------------------
@@ -272,6 +277,7 @@ class MessageFeature:
         self.cfg = dict(cfg["message"])
         self.cfg["_types"] = {t.lower() for t in self.cfg["content_types"]}
         self.cfg["_domains"] = {d.lower() for d in self.cfg["domains"]}
+        self.cfg["_main_domain"] = self.cfg["domains"][0].lower() if self.cfg["domains"] else ""
         self.cfg["_trusted"] = set(self.cfg["trusted_lines"])
         self.cfg["_accept"] = ", ".join(self.cfg["content_types"])
         d = self.deliverer
@@ -282,10 +288,9 @@ class MessageFeature:
                     other_targets=self.cfg["other_targets"])
         d.route_timeout = min(self.engine.dispatch_timeout, 5.0)
         if self._started and self.store is None and self.cfg["store"] and self.cfg["enable"]:
-            # store=true (or a new database path) after a reload: open it now
-            self.prepare()
-            if self.store is not None and self._scanner is None:
-                self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
+            self._open_store()  # store=true after a reload: open it now
+        elif self.store is not None and self.store.is_open:
+            self.engine.spawn(self._rekey(self.store), "re-keying stored messages")
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -296,24 +301,48 @@ class MessageFeature:
                 "msg_queued": len(self.deliverer.backlog) if self.deliverer else 0,
                 "msg_inprogress": self._live}
 
-    def prepare(self) -> None:
-        """Open the store before Yate can hand us anything (called before connecting).
+    def _open_store(self) -> None:
+        """Start opening the store in its own thread; the event loop goes on meanwhile.
 
-        Opening SQLite takes milliseconds; doing it here means no MESSAGE or REGISTER that
-        arrives right after a (re)start finds the store closed.
+        Calls made before it is open queue behind the opening (one store thread), so a
+        MESSAGE or REGISTER that comes right after a (re)start is served once it is open. A
+        database locked by another process (SQLite waits up to 10 s) is reported after 1 s.
         """
         if not self.cfg.get("enable") or not self.cfg.get("store"):
             return
         path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
+        self.store = AsyncStore(lambda: SQLiteMessageStore(path))
+        self.deliverer.store = self.store
+        self._opening = self.engine.spawn(self._store_opened(self.store, path),
+                                          "opening the message store")
+
+    async def _store_opened(self, store: AsyncStore, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        slow = loop.call_later(1.0, lambda: log.warning(
+            "message store %s is still opening after 1 s (locked by another process?); "
+            "messages that need it wait for it", path))
         try:
-            store = SQLiteMessageStore(path)
-            users = store.users()
+            await store.opened()
+            freed = await store.recover_leases(owner_is_dead)
+            moved = await store.rekey(self.canonical_key)
+            users = await store.users()
         except Exception as e:
             log.error("cannot open message store %s: %s; storing is off", path, e)
+            if self.store is store:
+                self.store = None
+                self.deliverer.store = None
             return
-        self.store = AsyncStore(store)
-        self.deliverer.store = self.store
+        finally:
+            slow.cancel()
+        if freed:
+            log.info("released %d stored message(s) leased by a process that is gone", freed)
+        if moved:
+            log.info("moved %d stored message(s) to their users' main domain", moved)
         self.deliverer.backlog.update(users)
+        if users:
+            log.info("%d users have stored messages; trying to deliver", len(users))
+        if self._scanner is None:
+            self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
 
     async def start(self) -> None:
         self._started = True
@@ -321,12 +350,7 @@ class MessageFeature:
             return
         if not self.cfg["domains"]:
             log.warning("[message] domains is empty: every Request-URI host is treated as ours")
-        if self.store is None:
-            return
-        if self.deliverer.backlog:
-            log.info("%d users have stored messages; trying to deliver",
-                     len(self.deliverer.backlog))
-        self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
+        self._open_store()
 
     async def close(self) -> None:
         if self._scanner:
@@ -362,11 +386,7 @@ class MessageFeature:
                  inb.out.content_type, len(inb.out.body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("MESSAGE body for %s: %s", inb.out.user, inb.out.body)
-        if not self._rate_ok(inb.out.sender):
-            retry = max(1, math.ceil(1.0 / cfg["sender_rate"]))
-            return self._reject(msg, 503, f"sender {inb.out.sender} over its rate",
-                                Retry_After=str(retry))
-        return await self._relay(msg, inb)
+        return await self._relay(msg, inb, None)
 
     def _inbound(self, msg: Message, hops: int) -> Inbound | int:
         cfg = self.cfg
@@ -430,7 +450,7 @@ class MessageFeature:
         except HeaderValueError as e:
             self._reject(msg, 400, str(e))
             return 400
-        out = Outgoing(user=f"{rcpt_user}@{ruri.host}", sender=f"{sender_user}@{frm.uri.host}",
+        out = Outgoing(user=self.user_key(rcpt_user, ruri.host), sender=f"{sender_user}@{frm.uri.host}",
                        from_hdr=from_hdr, to_hdr=to_hdr, content_type=ctype_full, body=body,
                        body_encoding=msg.get("xsip_body_encoding", ""), extra=extra,
                        call_id=new_call_id(), from_tag=new_tag(), received=time.time(),
@@ -458,6 +478,26 @@ class MessageFeature:
                 return f"body of {size} bytes ({onward} once escaped)"
         return ""
 
+    def user_key(self, user: str, host: str) -> str:
+        """The ``user@domain`` a recipient is stored and delivered under (``domain_aliases``:
+        every host of ``domains`` maps to the first)."""
+        host = host.lower()
+        if self.cfg.get("domain_aliases") and host in self.cfg["_domains"]:
+            host = self.cfg["_main_domain"]
+        return f"{user}@{host}"
+
+    def canonical_key(self, key: str) -> str:
+        user, _, host = key.rpartition("@")
+        return self.user_key(user, host) if user else key
+
+    async def _rekey(self, store: AsyncStore) -> None:
+        """After a reload changed the domains: move stored rows and the backlog with them."""
+        moved = await store.rekey(self.canonical_key)
+        if moved:
+            d = self.deliverer
+            d.backlog = {self.canonical_key(k) for k in d.backlog}
+            log.info("moved %d stored message(s) to their users' main domain", moved)
+
     def serves(self, host: str) -> bool:
         """Is ``host`` one of our domains (always, when ``domains`` is empty)?"""
         domains = self.cfg.get("_domains")
@@ -477,6 +517,13 @@ class MessageFeature:
             return True
         domains = self.cfg.get("_domains")
         return bool(domains) and frm.uri.host not in domains
+
+    def _over_rate(self, msg: Message, sender: str) -> bool:
+        """Answer 503 with Retry-After (and say True) when ``sender`` is over its rate."""
+        if self._rate_ok(sender):
+            return False
+        retry = max(1, math.ceil(1.0 / self.cfg["sender_rate"]))
+        return self._reject(msg, 503, f"sender {sender} over its rate", Retry_After=str(retry))
 
     def _rate_ok(self, sender: str) -> bool:
         now = time.monotonic()
@@ -520,12 +567,15 @@ class MessageFeature:
         except (DispatchTimeout, DispatchCancelled):
             return Route([], 480, offline=True)
 
-    async def _relay(self, msg: Message, inb: Inbound) -> bool:
+    async def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
+        """The sender's rate, then the answer mode, then delivery; shared by both set-ups."""
+        if self._over_rate(msg, inb.out.sender):
+            return True
         if self.cfg["mode"] == "accept":
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
-        return await self._deliver_and_answer(msg, inb, None)
+        return await self._deliver_and_answer(msg, inb, route)
 
     async def _lookup(self, msg: Message, inb: Inbound) -> Route:
         loop = asyncio.get_running_loop()
@@ -782,9 +832,11 @@ class MessageFeature:
         log.info("Got SIP MESSAGE from %s to %s via Yate's routing (%s)", inb.out.sender,
                  inb.out.user, callto)
         if callto.startswith("sipgen/store/"):
+            if self._over_rate(msg, inb.out.sender):
+                return True
             return self._answer(msg, 202 if await self._store(inb.out, inb.media) else 480)
         target = Target(callto, msg.get("oconnection_id") or "")
-        return await self._deliver_and_answer(msg, inb, Route([target]))
+        return await self._relay(msg, inb, Route([target]))
 
     def on_route_offline(self, msg: Message) -> bool:
         if msg.get("error") != "offline" or not self.cfg.get("store") or self.store is None:
@@ -799,21 +851,38 @@ class MessageFeature:
 
     # -- store and forward ----------------------------------------------------------------
     def on_register(self, msg: Message) -> None:
-        """A registration: deliver the user's stored messages to the contact just registered."""
+        """A registration: deliver the user's stored messages to the contact just registered.
+
+        The user is ``username`` (or ``number``) at the REGISTER's Request-URI host, mapped
+        to its main domain (``domain_aliases``): registering at an address of ours and being
+        messaged at our name is the same user.
+        """
         if not msg.handled or self.store is None:
             return
         user = msg.get("username") or msg.get("number") or ""
         uri = parse_uri(msg.get("sip_uri", ""))
-        if not user or uri is None:
+        data = msg.get("data", "")
+        if not user or uri is None or not data.startswith("sip/"):
             return
-        keyname = f"{user}@{uri.host}"
+        keyname = self.user_key(user, uri.host)
+        target = Target(data, msg.get("oconnection_id") or msg.get("connection_id") or "")
+        opening = self._opening
+        if opening is not None and not opening.done():
+            # right after a start the backlog is known only once the store is open
+            self.engine.spawn(self._registered_after_open(opening, keyname, target),
+                              f"stored delivery to {keyname}")
+            return
+        self._registered(keyname, target)
+
+    async def _registered_after_open(self, opening: "asyncio.Task[None]", keyname: str,
+                                     target: Target) -> None:
+        await asyncio.shield(opening)
+        self._registered(keyname, target)
+
+    def _registered(self, keyname: str, target: Target) -> None:
         if keyname not in self.deliverer.backlog:
             return
-        data = msg.get("data", "")
-        if not data.startswith("sip/"):
-            return
-        target = Target(data, msg.get("oconnection_id") or msg.get("connection_id") or "")
-        log.info("%s registered with stored messages: delivering to %s", keyname, data[4:])
+        log.info("%s registered with stored messages: delivering to %s", keyname, target.uri)
         self.engine.spawn(self.deliverer.flush_user(keyname, [target], None, due_only=False),
                           f"stored delivery to {keyname}")
 
