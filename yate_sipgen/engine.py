@@ -36,6 +36,7 @@ from typing import Any
 
 from . import protocol as p
 from .errors import DispatchCancelled, DispatchTimeout, LineTooLong, LocalProtocolError
+from .flow import Flow, RunQueue, Waiter
 from .message import Message
 from .session import RETRY_AFTER, BadLineReceived, Session, is_sip
 from .stats import Stats
@@ -53,6 +54,7 @@ class _Entry:
     filter: tuple[str, str] | None
     is_async: bool
     owner: str
+    inline: bool = False
 
 
 @dataclass(slots=True)
@@ -61,6 +63,7 @@ class _Route:
 
     entries: list[_Entry] = field(default_factory=list)
     all_sync: bool = True
+    inline: bool = True  # every async handler may run in a Flow (see flow.py)
 
     def install_args(self) -> tuple[int, str | None, str | None]:
         prio = min(e.priority for e in self.entries)
@@ -92,15 +95,17 @@ class Engine:
         self.session: Session | None = None
         self._write: Callable[[bytes], None] | None = None
         self._flush_scheduled = False
-        self._futures: dict[str, asyncio.Future[Message]] = {}
-        self._expiry: dict[str, tuple[float, asyncio.Future[Message], str, float]] = {}
+        self._futures: dict[str, Waiter] = {}
+        self._expiry: dict[str, tuple[float, Waiter, str, float]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._tasks: dict[str, asyncio.Task[None] | Flow] = {}  # handlers still running
+        self.runq = RunQueue(self.flush)
         self._bg: set[asyncio.Task[Any]] = set()
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_reply: Callable[[object], None] | None = None  # keyword replies, for the app
         self.on_connected: list[Callable[[], None]] = []  # hooks run after each (re)connect
+        self._flows = 0  # how many of _tasks are Flows
         self._early: list[bytes] = []  # read before attach(): fed once attached
 
     # -- registration ------------------------------------------------------------------------
@@ -115,13 +120,22 @@ class Engine:
         return deco
 
     def add_handler(self, name: str, func: Handler, *, priority: int = 100,
-                    filter: tuple[str, str] | None = None, owner: str = "") -> None:
+                    filter: tuple[str, str] | None = None, owner: str = "",
+                    inline: bool = False) -> None:
+        """Register ``func`` for ``name``.
+
+        ``inline=True`` (async handlers): run it in a :class:`~yate_sipgen.flow.Flow` instead
+        of an asyncio Task: no Task, and each answer from Yate it awaits resumes it within the
+        same read. Its code must not need ``asyncio.current_task()`` (no ``asyncio.timeout``;
+        no ``asyncio.wait_for`` on Python 3.12+).
+        """
         p.check_raw(name, "message name")
         route = self.routes.setdefault(name, _Route())
         is_async = inspect.iscoroutinefunction(func)
-        route.entries.append(_Entry(func, priority, filter, is_async, owner))
+        route.entries.append(_Entry(func, priority, filter, is_async, owner, inline))
         route.entries.sort(key=lambda e: e.priority)
         route.all_sync = not any(e.is_async for e in route.entries)
+        route.inline = all(e.inline for e in route.entries if e.is_async)
 
     def watcher(self, name: str) -> Callable[[Watcher], Watcher]:
         """Decorator: be told about every dispatched ``name`` (post-dispatch, no answer)."""
@@ -138,6 +152,7 @@ class Engine:
                setlocals: list[tuple[str, str | bool | int]] = ()) -> Session:
         """Start a new connection: a fresh Session, the setlocals, then every install and watch."""
         self._loop = asyncio.get_running_loop()
+        self.runq._loop = self._loop
         self.session = s = Session(answer_within=self.answer_within)
         self._write = write
         if role:
@@ -162,10 +177,10 @@ class Engine:
         s = self.session
         self.session = None
         self._write = None
-        for fut in self._futures.values():
-            if not fut.done():
-                fut.set_exception(DispatchCancelled("connection to Yate closed"))
+        pending = list(self._futures.values())
         self._futures.clear()
+        for fut in pending:
+            fut.set_exception(DispatchCancelled("connection to Yate closed"))
         self._expiry.clear()
         self._early = []
         for task in self._tasks.values():
@@ -184,6 +199,8 @@ class Engine:
             self._write(s.data_to_send())
 
     def _schedule_flush(self) -> None:
+        if self.runq.active:
+            return  # inside feed() or a timer of ours: it flushes when done
         if not self._flush_scheduled and self._loop is not None:
             self._flush_scheduled = True
             self._loop.call_soon(self.flush)
@@ -196,13 +213,28 @@ class Engine:
             self._early.append(data)  # nothing is lost before attach()
             return
         now = self._loop.time()
-        for ev in s.receive_data(data, now):
+        runq = self.runq
+        runq.active = True
+        try:
+            self._feed(s.receive_data(data, now))
+            runq.drain()  # the flows Yate's answers woke go on now
+        finally:
+            runq.active = False
+        self.flush()
+        # Tasks started or woken above run in the loop's next pass; a flush queued *now* runs
+        # right after them in that same pass, so their output leaves one pass earlier.
+        if len(self._tasks) > self._flows or self._bg:
+            self._schedule_flush()
+
+    def _feed(self, events: list[object]) -> None:
+        for ev in events:
             t = type(ev)
             if t is p.MessageReceived:
                 self._on_message(ev.message)
             elif t is p.AnswerReceived:
                 fut = self._futures.pop(ev.id, None)
-                if fut is not None and not fut.done():
+                if fut is not None:
+                    self._expiry.pop(ev.id, None)
                     ev.message.handled = ev.handled
                     fut.set_result(ev.message)
             elif t is p.WatchReceived:
@@ -215,11 +247,6 @@ class Engine:
                 log.error("Yate could not parse our line: %r", ev.line[:200])
             elif self.on_reply is not None:
                 self.on_reply(ev)
-        self.flush()
-        # Tasks started or woken above run in the loop's next pass; a flush queued *now* runs
-        # right after them in that same pass, so their output leaves one pass earlier.
-        if self._tasks or self._futures:
-            self._schedule_flush()
 
     def _on_message(self, msg: Message) -> None:
         self.stats.handled[msg.name] += 1
@@ -235,19 +262,29 @@ class Engine:
             self.stats.events["overload"] += 1
             self._fail(msg, 503, RETRY_AFTER)
             return
-        self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
+        if route.inline:
+            self._flows += 1
+            self._tasks[msg.id] = Flow(self._run(msg, route), self.runq, self._flow_done).start()
+        else:
+            self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
         timer = self._deadline_timer
         if timer is None or msg.deadline < timer.when():  # earlier after a reload shortened it
             if timer is not None:
                 timer.cancel()
             self._arm_deadline(msg.deadline)
 
+    def _flow_done(self, value: Any, exc: BaseException | None) -> None:
+        self._flows -= 1
+        if exc is not None and not isinstance(exc, asyncio.CancelledError):
+            self.stats.events["handler_error"] += 1  # _run catches handler errors: a bug
+            log.error("message flow failed", exc_info=exc)
+
     def _run_sync(self, msg: Message, route: _Route) -> None:
         try:
             handled = False
             for e in route.entries:
                 f = e.filter
-                if f is not None and msg.params.get(f[0], "") != f[1]:
+                if f is not None and (msg.get(f[0]) or "") != f[1]:
                     continue
                 if e.func(msg):
                     handled = True
@@ -264,7 +301,7 @@ class Engine:
             handled = False
             for e in route.entries:
                 f = e.filter
-                if f is not None and msg.params.get(f[0], "") != f[1]:
+                if f is not None and (msg.get(f[0]) or "") != f[1]:
                     continue
                 r = e.func(msg)
                 if e.is_async:
@@ -301,7 +338,7 @@ class Engine:
             self.stats.events["answer_too_long"] += 1
             log.error("answer to %s too long (%s); sent the failure answer", msg.name, err)
         if is_sip(msg.original_name):
-            self.stats.codes[msg.params.get("code") or ("200" if handled else "405")] += 1
+            self.stats.codes[msg.get("code") or ("200" if handled else "405")] += 1
         self._schedule_flush()
 
     def _fail(self, msg: Message, code: int, retry_after: str | None = None) -> None:
@@ -322,6 +359,15 @@ class Engine:
         s = self.session
         if s is None:
             return
+        self.runq.active = True
+        try:
+            self._overdue(s)
+            self.runq.drain()
+        finally:
+            self.runq.active = False
+        self.flush()
+
+    def _overdue(self, s: Session) -> None:
         now = self._loop.time()
         for msg in s.overdue(now):
             self.stats.events["answer_deadline"] += 1
@@ -334,7 +380,6 @@ class Engine:
         nxt = s.next_deadline()
         if nxt is not None:
             self._arm_deadline(max(nxt, now + 0.001))
-        self.flush()
 
     # -- watches ------------------------------------------------------------------------------
     def _on_watch(self, ev: p.WatchReceived) -> None:
@@ -368,34 +413,37 @@ class Engine:
         return task
 
     # -- output --------------------------------------------------------------------------------
-    async def dispatch(self, msg: Message, timeout: float | None = None) -> Message:
-        """Send ``msg`` to Yate and wait for its answer (the final message, ``.handled`` set).
+    def dispatch(self, msg: Message, timeout: float | None = None) -> Waiter:
+        """Send ``msg`` to Yate; await the result for its answer (the final message, with
+        ``.handled`` set).
 
-        Raises :class:`DispatchTimeout` after ``timeout`` seconds (default
-        ``dispatch_timeout``), :class:`DispatchCancelled` if the connection closes, and
-        :class:`LineTooLong` / :class:`LocalProtocolError` before sending anything that Yate
-        would refuse.
+        The awaitable raises :class:`DispatchTimeout` after ``timeout`` seconds (default
+        ``dispatch_timeout``) and :class:`DispatchCancelled` if the connection closes; the call
+        itself raises :class:`LineTooLong` / :class:`LocalProtocolError` before sending
+        anything that Yate would refuse. Cancelling it stops waiting for the answer.
         """
+        w = Waiter(self.runq, self._loop)
         s = self.session
         if s is None:
-            raise DispatchCancelled("not connected to Yate")
+            w.set_exception(DispatchCancelled("not connected to Yate"))
+            return w
         mid = s.dispatch(msg)
-        fut: asyncio.Future[Message] = self._loop.create_future()
-        self._futures[mid] = fut
+        self._futures[mid] = w
+        w.on_cancel = lambda: self._forget(mid, s)
         self._schedule_flush()
         secs = self.dispatch_timeout if timeout is None else timeout
         # No timer per dispatch (this is on the hot path twice per MESSAGE): one sweeper
         # checks the pending dispatches a few times a second.
-        self._expiry[mid] = (self._loop.time() + secs, fut, msg.name, secs)
+        self._expiry[mid] = (self._loop.time() + secs, w, msg.name, secs)
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
-        try:
-            return await fut
-        finally:
-            self._expiry.pop(mid, None)
-            self._futures.pop(mid, None)
-            if self.session is s:
-                s.forget(mid)
+        return w
+
+    def _forget(self, mid: str, s: Session) -> None:
+        self._futures.pop(mid, None)
+        self._expiry.pop(mid, None)
+        if self.session is s:
+            s.forget(mid)
 
     SWEEP = 0.05
 
@@ -403,11 +451,21 @@ class Engine:
         self._sweeper = None
         now = self._loop.time()
         expired = [(mid, v) for mid, v in self._expiry.items() if v[0] <= now]
-        for mid, (_, fut, name, secs) in expired:
-            del self._expiry[mid]
-            if not fut.done():
-                self.stats.events["dispatch_timeout"] += 1
-                fut.set_exception(DispatchTimeout(f"{name} got no answer from Yate within {secs:g}s"))
+        self.runq.active = True
+        try:
+            for mid, (_, fut, name, secs) in expired:
+                del self._expiry[mid]
+                self._futures.pop(mid, None)
+                if self.session is not None:
+                    self.session.forget(mid)
+                if not fut.done():
+                    self.stats.events["dispatch_timeout"] += 1
+                    fut.set_exception(DispatchTimeout(
+                        f"{name} got no answer from Yate within {secs:g}s"))
+            self.runq.drain()
+        finally:
+            self.runq.active = False
+        self.flush()
         if self._expiry:
             self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
 

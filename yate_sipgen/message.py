@@ -1,19 +1,44 @@
 """The Yate message object handlers see and build.
 
-A :class:`Message` keeps its params in a dict (first value of each name, which is what Yate's
-``NamedList::getParam`` returns) plus, rarely, a list of later duplicates (Yate sends every
-duplicate, e.g. ``username`` twice on an authenticated ``sip.message``, reference §6 item 4).
+A :class:`Message` has a name, a return value and params. Its params follow Yate's
+``NamedList``: ``msg[k]`` is the *first* param named ``k`` (what ``getParam`` returns);
+duplicates (``username`` twice on an authenticated ``sip.message``, reference §6 item 4) are
+kept in order and listed by :meth:`Message.getall` / :meth:`Message.items`.
 
-It also records what a handler *changed*. An answer to Yate carries only those changes: Yate
-applies ``k=v`` to the live message and keeps every param we do not mention (reference §1.4.2),
-so echoing the whole list back (what python-yate does) is wasted work on the hot path.
+**Lazy params.** A message decoded from Yate keeps its line: a param is looked up in it only
+when a handler asks for it (``:name=`` is found in the raw text; a raw ``:`` only ever separates
+fields, so the first match is the first param of that name). A ``sip.message`` carries about 30
+params and the MESSAGE path reads about 15; an answer to ``xsip.generate`` carries a dozen and
+we read two. Anything that needs the whole list (``items()``, ``params``, ``len()``) decodes it
+once and the message is an ordinary one from then on.
+
+**Change tracking.** A message also records what a handler *changed*. An answer to Yate
+carries only those changes: Yate applies ``k=v`` to the live message and keeps every param we
+do not mention (reference §1.4.2), so echoing the whole list back (what python-yate does) is
+wasted work on the hot path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 _DELETED = None  # marker in Message.changes for "send a bare key": delete every such param
+
+
+class _Absent:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()  # in a lazy message's cache: looked up (or deleted), not there
+
+#: (line, start) -> (first values, every pair when there were duplicates, else None); set by
+#: the protocol module, which owns the wire format.
+decode_params: Callable[[str, int], tuple[dict[str, str], list[tuple[str, str]] | None]]
+#: (line, start, name) -> the first value of ``name`` in the line, or None.
+find_param: Callable[[str, int, str], str | None]
 
 
 class Reset(str):
@@ -31,9 +56,9 @@ class Message:
     not UTF-8 appear as lone surrogates (``surrogateescape``) and are written back unchanged.
     """
 
-    __slots__ = ("name", "retval", "params", "_extra", "_pairs", "changes", "id", "time",
-                 "received_at", "deadline", "original_name", "original_retval", "answered",
-                 "handled")
+    __slots__ = ("name", "retval", "_p", "_line", "_pstart", "_extra", "_pairs", "changes", "id",
+                 "time", "received_at", "deadline", "original_name", "original_retval",
+                 "answered", "handled")
 
     def __init__(self, name: str, params: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
                  retval: str = "", *, id: str = "", time: int = 0) -> None:
@@ -43,12 +68,14 @@ class Message:
         self.original_retval = retval
         self._extra: list[tuple[str, str]] | None = None
         self._pairs: list[tuple[str, str]] | None = None
+        self._line: str | None = None
+        self._pstart = 0
         if params is None:
-            self.params: dict[str, str] = {}
+            self._p: dict[str, object] = {}
         elif isinstance(params, dict):
-            self.params = dict(params)
+            self._p = dict(params)
         else:
-            self.params = {}
+            self._p = {}
             self._load(params.items() if isinstance(params, Mapping) else params)
         self.changes: dict[str, str | None] | None = None
         self.id = id
@@ -59,7 +86,7 @@ class Message:
         self.handled = False
 
     def _load(self, items: Iterable[tuple[str, str]]) -> None:
-        params = self.params
+        params = self._p
         for k, v in items:
             if k in params:
                 if self.extra is None:
@@ -69,20 +96,12 @@ class Message:
                 params[k] = v
 
     @classmethod
-    def from_wire(cls, name: str, retval: str, params: dict[str, str],
-                  pairs: list[tuple[str, str]] | None = None, id: str = "",
-                  time: int = 0) -> "Message":
-        """Build from decoded fields without copying (used by the codec).
-
-        ``params`` holds the first value of each name; ``pairs``, when the line had duplicate
-        names, is every pair in order: the later duplicates are sorted out only if asked for.
-        """
+    def _blank(cls, name: str, retval: str, id: str, time: int) -> "Message":
         m = cls.__new__(cls)
         m.name = m.original_name = name
         m.retval = m.original_retval = retval
-        m.params = params
         m._extra = None
-        m._pairs = pairs
+        m._pairs = None
         m.changes = None
         m.id = id
         m.time = time
@@ -92,9 +111,63 @@ class Message:
         m.handled = False
         return m
 
+    @classmethod
+    def from_wire(cls, name: str, retval: str, params: dict[str, str],
+                  pairs: list[tuple[str, str]] | None = None, id: str = "",
+                  time: int = 0) -> "Message":
+        """Build from decoded fields without copying.
+
+        ``params`` holds the first value of each name; ``pairs``, when the line had duplicate
+        names, is every pair in order: the later duplicates are sorted out only if asked for.
+        """
+        m = cls._blank(name, retval, id, time)
+        m._p = params
+        m._pairs = pairs
+        m._line = None
+        m._pstart = 0
+        return m
+
+    @classmethod
+    def from_line(cls, name: str, retval: str, line: str, pstart: int, id: str = "",
+                  time: int = 0) -> "Message":
+        """A message whose params stay in ``line`` (from ``pstart``, the ``:`` before the first
+        param) until asked for. The line must have been checked already (escapes, chunks)."""
+        m = cls._blank(name, retval, id, time)
+        m._p = {}
+        m._line = line
+        m._pstart = pstart
+        return m
+
+    # -- the lazy part ------------------------------------------------------------------------
+    def _decode_all(self) -> None:
+        """Decode the whole param list once; changes made meanwhile are applied on top."""
+        line = self._line
+        if line is None:
+            return
+        params, pairs = decode_params(line, self._pstart)
+        self._line = None
+        for k, v in (self.changes or {}).items():
+            if v is None or type(v) is Reset:
+                params.pop(k, None)
+                if pairs is not None:
+                    pairs = [kv for kv in pairs if kv[0] != k]
+            if v is not None:
+                params[k] = str(v)
+        self._p = params  # type: ignore[assignment]
+        self._pairs = pairs
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The first value of every param, as a dict (decodes a lazy message)."""
+        if self._line is not None:
+            self._decode_all()
+        return self._p  # type: ignore[return-value]
+
     @property
     def extra(self) -> list[tuple[str, str]] | None:
         """Later duplicates of param names, in order (``None`` when there are none)."""
+        if self._line is not None:
+            self._decode_all()
         if self._pairs is not None:
             seen: set[str] = set()
             extra = []
@@ -113,24 +186,38 @@ class Message:
         self._extra = value
 
     # -- mapping access -------------------------------------------------------------------
-    def __getitem__(self, key: str) -> str:
-        return self.params[key]
-
     def get(self, key: str, default: str | None = None) -> str | None:
-        return self.params.get(key, default)
+        v = self._p.get(key, _ABSENT)
+        if v is not _ABSENT:
+            return v  # type: ignore[return-value]
+        line = self._line
+        if line is None or key in self._p:
+            return default
+        if "%" in key or ":" in key or "=" in key:  # not findable as written: decode all
+            return self.params.get(key, default)
+        v = find_param(line, self._pstart, key)
+        self._p[key] = _ABSENT if v is None else v
+        return default if v is None else v
+
+    def __getitem__(self, key: str) -> str:
+        v = self.get(key)
+        if v is None:
+            raise KeyError(key)
+        return v
 
     def getall(self, key: str) -> list[str]:
         """Every value of ``key``, duplicates included, in order."""
-        out = [self.params[key]] if key in self.params else []
+        params = self.params
+        out = [params[key]] if key in params else []
         if self.extra:
             out.extend(v for k, v in self.extra if k == key)
         return out
 
     def __contains__(self, key: object) -> bool:
-        return key in self.params
+        return self.get(key) is not None  # type: ignore[arg-type]
 
     def __setitem__(self, key: str, value: str) -> None:
-        self.params[key] = value
+        self._p[key] = value
         if self.changes is None:
             self.changes = {}
         elif key in self.changes and (self.changes[key] is None or type(self.changes[key]) is Reset):
@@ -141,22 +228,35 @@ class Message:
 
     def __delitem__(self, key: str) -> None:
         """Remove every param named ``key``; absent keys are fine (a no-op, as in Yate)."""
-        self.params.pop(key, None)
-        if self.extra:
-            self.extra = [kv for kv in self.extra if kv[0] != key] or None
+        if self._line is not None:
+            self._p[key] = _ABSENT
+        else:
+            self._p.pop(key, None)
+            if self.extra:
+                self.extra = [kv for kv in self.extra if kv[0] != key] or None
         if self.changes is None:
             self.changes = {}
         self.changes[key] = _DELETED
 
     def setdefault(self, key: str, value: str) -> str:
-        if key in self.params:
-            return self.params[key]
+        v = self.get(key)
+        if v is not None:
+            return v
         self[key] = value
         return value
 
     def update(self, values: Mapping[str, str]) -> None:
         for k, v in values.items():
             self[k] = v
+
+    def has_prefix(self, prefix: str) -> bool:
+        """Is there a param whose name starts with ``prefix`` (a plain name start)?"""
+        line = self._line
+        if line is not None:
+            if line.find(":" + prefix, self._pstart) >= 0:
+                return True
+            return any(k.startswith(prefix) and v is not _ABSENT for k, v in self._p.items())
+        return any(k.startswith(prefix) for k in self._p)
 
     def items(self) -> Iterator[tuple[str, str]]:
         """All params in order, duplicates after the first values."""

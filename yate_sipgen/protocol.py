@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from .errors import LineTooLong, LocalProtocolError, RemoteProtocolError
+from . import message as _message
 from .message import Message
 
 ENCODING = "utf-8"
@@ -127,6 +128,10 @@ def unescape(text: str, *, name: bool = False) -> str:
     """
     if "%" not in text:
         return text
+    if "%%" not in text:  # the usual escapes (':' and a body's CR LF) by plain replaces
+        t = text.replace("%z", ":").replace("%M", "\r").replace("%J", "\n")
+        if "%" not in t:
+            return t
     try:
         return _ESC_IN.sub(_unesc_name_repl if name else _unesc_repl, text)
     except KeyError:
@@ -419,43 +424,99 @@ def _fields(line: str) -> list[str]:
     return t.split("\x00")
 
 
-def _msg_line(line: str, answer: bool) -> FromYate:
-    dups: list[tuple[str, str]] | None = None
-    if "%}" in line:
+_BAD_ESC = re.compile("%(?![A-_z}])")  # once every "%%" is taken out
+
+
+def _check_params(line: str, start: int) -> None:
+    """Yate's decoder rules for the param part, in C-level passes: every escape valid (``%}``
+    is accepted for names), no chunk beginning with ``=``."""
+    if "%" in line:
+        t = line.replace("%%", "\x00\x00")  # same length: positions stay comparable
+        if "%" in t:
+            if _BAD_ESC.search(t) is not None:
+                raise RemoteProtocolError("bad escape", line)
+            i = t.find("%}")
+            while i >= 0:  # '=' escaped: valid in a param name only (Yate's own encoding)
+                chunk = t.rfind(":", 0, i)
+                if chunk < start or t.find("=", chunk, i) >= 0:
+                    raise RemoteProtocolError("bad escape '%}' outside a param name", line)
+                i = t.find("%}", i + 2)
+    if line.find(":=", start) >= 0:
+        raise RemoteProtocolError("a param chunk begins with '='", line)
+
+
+def decode_params(line: str, start: int) -> tuple[dict[str, str], list[tuple[str, str]] | None]:
+    """Every param of a message line (``start``: the ``:`` before the first one).
+
+    Returns the first value of each name and, when names repeat, every pair in order.
+    Empty chunks are skipped and bare keys (a delete: a no-op on a fresh message) dropped,
+    as Yate does.
+    """
+    rest = line[start + 1:]
+    if not rest:
+        return {}, None
+    if "%}" in rest:
         # an '=' inside a param name: split each chunk on its raw '=' before unescaping
-        raw = line.split(":")
-        if len(raw) < 5:
-            raise RemoteProtocolError("message line has fewer than 4 fields", line)
-        parts = [unescape(f) for f in raw[:5]]
-        pairs = _raw_pairs(raw, 5)
+        pairs = _raw_pairs(rest.split(":"), 0)
         params = dict(pairs)
-        dups = _first_values(params, pairs)
-    else:
-        parts = _fields(line)
-        if len(parts) < 5:
-            raise RemoteProtocolError("message line has fewer than 4 fields", line)
-        chunks = parts[5:]
-        kv = [c.partition("=") for c in chunks]
-        params = {k: v for k, sep, v in kv if sep}
-        if "" in params:
-            raise RemoteProtocolError("a param chunk begins with '='", line)
-        if len(params) != len(chunks):
-            # duplicates, bare keys (a delete: no-op on a fresh message) or empty chunks
-            # (skipped, as Yate does)
-            dups = _first_values(params, [(k, v) for k, sep, v in kv if sep])
-    mid = parts[1]
+        return params, _first_values(params, pairs)
+    chunks = _fields(rest)
+    kv = [c.partition("=") for c in chunks]
+    params = {k: v for k, sep, v in kv if sep}
+    if "" in params:
+        raise RemoteProtocolError("a param chunk begins with '='", line)
+    if len(params) == len(chunks):
+        return params, None
+    # duplicates, bare keys or empty chunks
+    return params, _first_values(params, [(k, v) for k, sep, v in kv if sep])
+
+
+def find_param(line: str, start: int, name: str) -> str | None:
+    """The first value of param ``name`` (a plain name: no ``%``, ``:`` or ``=``), or None.
+
+    A raw ``:`` only separates fields (escaped ones are ``%z``), so ``:name=`` can only match
+    at the start of a chunk, and the first match is the first param of that name.
+    """
+    i = line.find(":" + name + "=", start)
+    if i < 0:
+        return None
+    i += len(name) + 2
+    j = line.find(":", i)
+    v = line[i:] if j < 0 else line[i:j]
+    return unescape(v) if "%" in v else v
+
+
+_message.decode_params = decode_params
+_message.find_param = find_param
+
+
+def _msg_line(line: str, answer: bool) -> FromYate:
+    parts = line.split(":", 5)
+    if len(parts) < 5:
+        raise RemoteProtocolError("message line has fewer than 4 fields", line)
+    mid, second, name, retval = parts[1], parts[2], parts[3], parts[4]
+    # the ':' before the first param (or the line's end when there is none)
+    pstart = len(line) - len(parts[5]) - 1 if len(parts) == 6 else len(line)
+    _check_params(line, pstart)
+    if "%" in mid:
+        mid = unescape(mid)
+    if "%" in name:
+        name = unescape(name)
+    if "%" in retval:
+        retval = unescape(retval)
     if answer:
-        handled = parse_bool(parts[2])
+        handled = parse_bool(second)
         if handled is None:
-            raise RemoteProtocolError(f"bad boolean {parts[2]!r}", line)
-        msg = Message.from_wire(parts[3], parts[4], params, dups, id=mid)
+            raise RemoteProtocolError(f"bad boolean {second!r}", line)
+        msg = Message.from_line(name, retval, line, pstart, id=mid)
         if mid:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)
-    t = parts[2]
-    t_val = int(t) if (t.isascii() and t.isdigit() and len(t) < 20) else _int(t, "time")
-    return MessageReceived(Message.from_wire(parts[3], parts[4], params, dups, id=mid,
-                                             time=t_val))
+    if "%" in second:
+        second = unescape(second)
+    t_val = (int(second) if (second.isascii() and second.isdigit() and len(second) < 20)
+             else _int(second, "time"))
+    return MessageReceived(Message.from_line(name, retval, line, pstart, id=mid, time=t_val))
 
 
 def _split_last(rest: str, line: str) -> tuple[str, bool]:

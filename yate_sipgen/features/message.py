@@ -260,11 +260,12 @@ class MessageFeature:
         if not m["enable"]:
             return
         self.engine.add_handler("sip.message", self.on_sip_message, priority=m["priority"],
-                                owner="message")
+                                owner="message", inline=True)
         self.engine.watcher("user.register")(self.on_register)
         if m["msg_execute"]:
             self.engine.add_handler("msg.execute", self.on_msg_execute,
-                                    priority=m["msg_execute_priority"], owner="message")
+                                    priority=m["msg_execute_priority"], owner="message",
+                                    inline=True)
             if m["route_offline"]:
                 self.engine.add_handler("call.route", self.on_route_offline,
                                         priority=m["route_offline_priority"],
@@ -311,21 +312,29 @@ class MessageFeature:
         if not self.cfg.get("enable") or not self.cfg.get("store"):
             return
         path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
-        self.store = AsyncStore(lambda: SQLiteMessageStore(path))
+        found: dict[str, Any] = {}
+
+        def opener() -> SQLiteMessageStore:
+            # all in the store's thread, before any call queued behind the opening: what
+            # it finds is exactly what the previous run left
+            store = SQLiteMessageStore(path)
+            found["freed"] = store.recover_leases(owner_is_dead)
+            found["moved"] = store.rekey(self.canonical_key)
+            found["users"] = store.users()
+            return store
+
+        self.store = AsyncStore(opener)
         self.deliverer.store = self.store
-        self._opening = self.engine.spawn(self._store_opened(self.store, path),
+        self._opening = self.engine.spawn(self._store_opened(self.store, path, found),
                                           "opening the message store")
 
-    async def _store_opened(self, store: AsyncStore, path: str) -> None:
+    async def _store_opened(self, store: AsyncStore, path: str, found: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
         slow = loop.call_later(1.0, lambda: log.warning(
             "message store %s is still opening after 1 s (locked by another process?); "
             "messages that need it wait for it", path))
         try:
             await store.opened()
-            freed = await store.recover_leases(owner_is_dead)
-            moved = await store.rekey(self.canonical_key)
-            users = await store.users()
         except Exception as e:
             log.error("cannot open message store %s: %s; storing is off", path, e)
             if self.store is store:
@@ -334,6 +343,7 @@ class MessageFeature:
             return
         finally:
             slow.cancel()
+        freed, moved, users = found["freed"], found["moved"], found["users"]
         if freed:
             log.info("released %d stored message(s) leased by a process that is gone", freed)
         if moved:
@@ -342,7 +352,7 @@ class MessageFeature:
         if users:
             log.info("%d users have stored messages; trying to deliver", len(users))
         if self._scanner is None:
-            self._scanner = self.engine.spawn(self._scan_loop(), "stored message scanner")
+            self._scanner = self.engine.spawn(self._scan_loop(users), "stored message scanner")
 
     async def start(self) -> None:
         self._started = True
@@ -886,19 +896,21 @@ class MessageFeature:
         self.engine.spawn(self.deliverer.flush_user(keyname, [target], None, due_only=False),
                           f"stored delivery to {keyname}")
 
-    async def _scan_loop(self) -> None:
-        first = True
+    async def _scan_loop(self, initial: list[str]) -> None:
+        """Retries and expiry every ``scan_interval``; first, at once, every user the previous
+        run left messages for (they may have registered meanwhile)."""
+        first: list[str] | None = initial
         while True:
             try:
-                await self._scan(initial=first)
+                await self._scan(first)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("stored message scan failed")
-            first = False
+            first = None
             await asyncio.sleep(self.cfg["scan_interval"])
 
-    async def _scan(self, initial: bool = False) -> None:
+    async def _scan(self, initial: list[str] | None = None) -> None:
         store = self.store
         now = time.time()
         expired = await store.take_expired(now)
@@ -909,12 +921,12 @@ class MessageFeature:
                 self.engine.spawn(self._notice(row), "expiry notice")
         for user in {row.user for row in expired}:
             await self._forget_if_empty(user)
-        users = await (store.users() if initial else store.users_due(now))
+        users = initial if initial is not None else await store.users_due(now)
         for user in users:
             if self.deliverer.users.locked(user) or user in self._scanning:
                 continue
             self._scanning.add(user)
-            self.engine.spawn(self._scan_user(user, due_only=not initial),
+            self.engine.spawn(self._scan_user(user, due_only=initial is None),
                               f"stored delivery to {user}")
 
     async def _scan_user(self, user: str, due_only: bool) -> None:
