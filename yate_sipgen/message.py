@@ -5,12 +5,14 @@ A :class:`Message` has a name, a return value and params. Its params follow Yate
 duplicates (``username`` twice on an authenticated ``sip.message``, reference §6 item 4) are
 kept in order and listed by :meth:`Message.getall` / :meth:`Message.items`.
 
-**Lazy params.** A message decoded from Yate keeps its line: a param is looked up in it only
-when a handler asks for it (``:name=`` is found in the raw text; a raw ``:`` only ever separates
-fields, so the first match is the first param of that name). A ``sip.message`` carries about 30
-params and the MESSAGE path reads about 15; an answer to ``xsip.generate`` carries a dozen and
-we read two. Anything that needs the whole list (``items()``, ``params``, ``len()``) decodes it
-once and the message is an ordinary one from then on.
+**Lazy params.** A message decoded from Yate keeps its line. The first time a handler asks for
+a param, the param part is split once into raw (still escaped) ``name -> value`` chunks -- one
+pass at C speed -- and from then on a value is unescaped only when it is read: a
+``sip.message`` carries about 30 params (a body, URIs, header values with escapes) and the
+MESSAGE path reads about 20; an answer to ``xsip.generate`` carries a dozen and we read two.
+A message nobody reads a param of is never split. Anything that needs the whole list
+(``items()``, ``params``, ``len()``) decodes everything once; the message is an ordinary one
+from then on.
 
 **Change tracking.** A message also records what a handler *changed*. An answer to Yate
 carries only those changes: Yate applies ``k=v`` to the live message and keeps every param we
@@ -32,13 +34,17 @@ class _Absent:
         return "<absent>"
 
 
-_ABSENT = _Absent()  # in a lazy message's cache: looked up (or deleted), not there
+_ABSENT = _Absent()  # in a lazy message's cache: deleted
+_MISS = object()
 
 #: (line, start) -> (first values, every pair when there were duplicates, else None); set by
 #: the protocol module, which owns the wire format.
 decode_params: Callable[[str, int], tuple[dict[str, str], list[tuple[str, str]] | None]]
-#: (line, start, name) -> the first value of ``name`` in the line, or None.
-find_param: Callable[[str, int, str], str | None]
+#: (line, start) -> raw (escaped) first values by raw name, or None when the line needs the
+#: full decoder (duplicate names, empty chunks, bare keys).
+split_params: Callable[[str, int], dict[str, str] | None]
+#: escaped value -> value.
+unescape: Callable[[str], str]
 
 
 class Reset(str):
@@ -56,7 +62,8 @@ class Message:
     not UTF-8 appear as lone surrogates (``surrogateescape``) and are written back unchanged.
     """
 
-    __slots__ = ("name", "retval", "_p", "_line", "_pstart", "_extra", "_pairs", "changes", "id",
+    __slots__ = ("name", "retval", "_p", "_raw", "_line", "_pstart", "_extra", "_pairs",
+                 "changes", "id",
                  "time", "received_at", "deadline", "original_name", "original_retval",
                  "answered", "handled")
 
@@ -69,6 +76,7 @@ class Message:
         self._extra: list[tuple[str, str]] | None = None
         self._pairs: list[tuple[str, str]] | None = None
         self._line: str | None = None
+        self._raw: dict[str, str] | None = None
         self._pstart = 0
         if params is None:
             self._p: dict[str, object] = {}
@@ -124,6 +132,7 @@ class Message:
         m._p = params
         m._pairs = pairs
         m._line = None
+        m._raw = None
         m._pstart = 0
         return m
 
@@ -135,6 +144,7 @@ class Message:
         m = cls._blank(name, retval, id, time)
         m._p = {}
         m._line = line
+        m._raw = None
         m._pstart = pstart
         return m
 
@@ -146,6 +156,7 @@ class Message:
             return
         params, pairs = decode_params(line, self._pstart)
         self._line = None
+        self._raw = None
         for k, v in (self.changes or {}).items():
             if v is None or type(v) is Reset:
                 params.pop(k, None)
@@ -187,17 +198,23 @@ class Message:
 
     # -- mapping access -------------------------------------------------------------------
     def get(self, key: str, default: str | None = None) -> str | None:
-        v = self._p.get(key, _ABSENT)
-        if v is not _ABSENT:
-            return v  # type: ignore[return-value]
-        line = self._line
-        if line is None or key in self._p:
+        v = self._p.get(key, _MISS)
+        if v is not _MISS:
+            return default if v is _ABSENT else v  # type: ignore[return-value]
+        if self._line is None:
             return default
-        if "%" in key or ":" in key or "=" in key:  # not findable as written: decode all
-            return self.params.get(key, default)
-        v = find_param(line, self._pstart, key)
-        self._p[key] = _ABSENT if v is None else v
-        return default if v is None else v
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = split_params(self._line, self._pstart)
+            if raw is None:  # duplicates or odd chunks: the full decoder sorts them out
+                return self.params.get(key, default)
+        v = raw.get(key)
+        if v is None:
+            return default
+        if "%" in v:
+            v = unescape(v)
+        self._p[key] = v
+        return v
 
     def __getitem__(self, key: str) -> str:
         v = self.get(key)
@@ -255,7 +272,8 @@ class Message:
         if line is not None:
             if line.find(":" + prefix, self._pstart) >= 0:
                 return True
-            return any(k.startswith(prefix) and v is not _ABSENT for k, v in self._p.items())
+            return any(k.startswith(prefix) for k, v in (self.changes or {}).items()
+                       if v is not None)
         return any(k.startswith(prefix) for k in self._p)
 
     def items(self) -> Iterator[tuple[str, str]]:

@@ -471,23 +471,27 @@ def decode_params(line: str, start: int) -> tuple[dict[str, str], list[tuple[str
     return params, _first_values(params, [(k, v) for k, sep, v in kv if sep])
 
 
-def find_param(line: str, start: int, name: str) -> str | None:
-    """The first value of param ``name`` (a plain name: no ``%``, ``:`` or ``=``), or None.
-
-    A raw ``:`` only separates fields (escaped ones are ``%z``), so ``:name=`` can only match
-    at the start of a chunk, and the first match is the first param of that name.
+def split_params(line: str, start: int) -> dict[str, str] | None:
+    """The param part as raw (still escaped) ``name -> first value`` chunks, in one pass;
+    ``None`` when the line has empty chunks or bare keys (then use :func:`decode_params`).
+    Names with escapes stay escaped: a plain name never matches them.
     """
-    i = line.find(":" + name + "=", start)
-    if i < 0:
-        return None
-    i += len(name) + 2
-    j = line.find(":", i)
-    v = line[i:] if j < 0 else line[i:j]
-    return unescape(v) if "%" in v else v
+    if start >= len(line):
+        return {}
+    chunks = line[start + 1:].split(":")
+    parts = [c.partition("=") for c in chunks]
+    raw = {k: v for k, sep, v in parts if sep}
+    if len(raw) == len(chunks):
+        return raw
+    if not all(sep for _, sep, _ in parts):
+        return None  # empty chunks or bare keys
+    # duplicate names (an authenticated sip.message has username twice): first values
+    return {k: v for k, _, v in reversed(parts)}
 
 
 _message.decode_params = decode_params
-_message.find_param = find_param
+_message.split_params = split_params
+_message.unescape = unescape
 
 
 def _msg_line(line: str, answer: bool) -> FromYate:

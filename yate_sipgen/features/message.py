@@ -400,9 +400,9 @@ class MessageFeature:
 
     def _inbound(self, msg: Message, hops: int) -> Inbound | int:
         cfg = self.cfg
-        params = msg.params
-        xtype = params.get("xsip_type", "")
-        ctype_full = params.get("sip_content-type") or xtype
+        get = msg.get
+        xtype = get("xsip_type") or ""
+        ctype_full = get("sip_content-type") or xtype
         media = media_type(xtype or ctype_full)
         if not media:
             self._reject(msg, 415, "no content type", Accept=cfg["_accept"])
@@ -410,11 +410,11 @@ class MessageFeature:
         if media not in cfg["_types"]:
             self._reject(msg, 415, f"content type {media}", Accept=cfg["_accept"])
             return 415
-        body = params.get("xsip_body", "")
-        # other body parts and body headers (multipart, Content-Disposition): rare, so one
-        # substring search over the names decides whether to look for them
-        names = "\x00".join(params)
-        if "xsip_body." in names or "xsip_type." in names or "xsip_body_encoding." in names:
+        body = get("xsip_body") or ""
+        # other body parts and body headers (multipart, Content-Disposition): rare, so a
+        # search of the names decides whether to look for them
+        if (msg.has_prefix("xsip_body.") or msg.has_prefix("xsip_type.")
+                or msg.has_prefix("xsip_body_encoding.")):
             extra = {k: v for k, v in msg.items() if k.startswith(_BODY_PARAMS)}
         else:
             extra = {}
@@ -423,7 +423,7 @@ class MessageFeature:
             self._reject(msg, 413, too_big)
             return 413
         # who sends
-        frm = parse_name_addr(params.get("sip_from", ""))
+        frm = parse_name_addr(get("sip_from") or "")
         if frm is None:
             self._reject(msg, 400, "unparsable From")
             return 400
