@@ -932,3 +932,65 @@ def test_sender_over_its_rate_gets_503_with_retry_after(tmp_path: Path) -> None:
             assert_clean(y)
 
     run(scenario)
+
+
+# ==========================================================================
+# routing=registrations: our own view of user.register instead of call.route
+# ==========================================================================
+
+
+def test_routing_registrations_sends_to_the_registered_contact_without_call_route(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"routing": "registrations"}) as y:
+            await y.register("bob", "example.com", BOB_URI, oconnection_id="tcp:7-x")
+            y.unregister_contact(BOB)  # Yate's routing would now say offline: we must not ask
+            r = await y.message()
+            assert r.get("code") == "200"
+            assert sent(y, "call.route") == []
+            (x,) = sent(y, "xsip.generate")
+            assert x.get("uri") == BOB_URI and x.get("connection_id") == "tcp:7-x"
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_routing_registrations_asks_yate_for_users_it_saw_no_registration_of(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"routing": "registrations"}) as y:
+            y.register_contact(BOB, BOB_URI)  # registered before our start: only regfile knows
+            r = await y.message()
+            assert r.get("code") == "200"
+            assert len(sent(y, "call.route")) == 1
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_routing_registrations_forgets_a_contact_on_user_unregister(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"routing": "registrations"}) as y:
+            await y.register("bob", "example.com", BOB_URI)
+            assert await y.fy.watch_notify("user.unregister", [
+                ("number", "bob"), ("username", "bob"), ("sip_uri", "sip:example.com"),
+                ("data", "sip/" + BOB_URI), ("expires", "0")], handled=True)
+            y.unregister_contact(BOB)
+            r = await y.message()
+            assert r.get("code") == "202"  # routed by Yate again: offline, stored
+            assert len(sent(y, "call.route")) == 1 and sent(y, "xsip.generate") == []
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_routing_yate_always_asks_yate_even_after_a_registration(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path) as y:
+            await y.register("bob", "example.com", BOB_URI)
+            r = await y.message()
+            assert r.get("code") == "200"
+            assert len(sent(y, "call.route")) == 1
+            assert_clean(y)
+
+    run(scenario)

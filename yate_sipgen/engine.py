@@ -486,6 +486,10 @@ class Engine:
         getattr(s, kind)(*args)
         self._schedule_flush()
 
+    def now(self) -> float:
+        """The loop's clock (deadlines and dispatch timeouts are on it)."""
+        return self._loop.time()
+
     @property
     def in_progress(self) -> int:
         return len(self._tasks)

@@ -5,14 +5,19 @@ A :class:`Message` has a name, a return value and params. Its params follow Yate
 duplicates (``username`` twice on an authenticated ``sip.message``, reference §6 item 4) are
 kept in order and listed by :meth:`Message.getall` / :meth:`Message.items`.
 
-**Lazy params.** A message decoded from Yate keeps its line. The first time a handler asks for
-a param, the param part is split once into raw (still escaped) ``name -> value`` chunks -- one
-pass at C speed -- and from then on a value is unescaped only when it is read: a
-``sip.message`` carries about 30 params (a body, URIs, header values with escapes) and the
-MESSAGE path reads about 20; an answer to ``xsip.generate`` carries a dozen and we read two.
-A message nobody reads a param of is never split. Anything that needs the whole list
+**Lazy params.** A message decoded from Yate keeps its line. A param a handler asks for is
+found in the line by one search for ``:name=`` (every ``:`` of a line separates fields; one in
+a value is escaped, so the first match is the first param of that name) and unescaped then,
+once: a ``sip.message`` carries about 30 params (a body, URIs, header values with escapes) and
+the MESSAGE path reads about 15; an answer to ``xsip.generate`` echoes a dozen or more (our
+whole request) and we read two. Nothing is split into a dict on the hot path. Anything that needs the whole list
 (``items()``, ``params``, ``len()``) decodes everything once; the message is an ordinary one
 from then on.
+
+**Forwarded params.** A message we build may carry, besides its params, ``forwarded``: params
+copied from a message Yate handed us still in their wire form (:meth:`Message.wire_params`).
+They are written after the params (Yate keeps the last of a name from a script, so a param
+set explicitly must not also be forwarded) and are not visible through ``get``.
 
 **Change tracking.** A message also records what a handler *changed*. An answer to Yate
 carries only those changes: Yate applies ``k=v`` to the live message and keeps every param we
@@ -40,11 +45,10 @@ _MISS = object()
 #: (line, start) -> (first values, every pair when there were duplicates, else None); set by
 #: the protocol module, which owns the wire format.
 decode_params: Callable[[str, int], tuple[dict[str, str], list[tuple[str, str]] | None]]
-#: (line, start) -> raw (escaped) first values by raw name, or None when the line needs the
-#: full decoder (duplicate names, empty chunks, bare keys).
-split_params: Callable[[str, int], dict[str, str] | None]
 #: escaped value -> value.
 unescape: Callable[[str], str]
+#: value -> escaped value (raises for what cannot be sent).
+escape: Callable[[str], str]
 
 
 class Reset(str):
@@ -62,8 +66,8 @@ class Message:
     not UTF-8 appear as lone surrogates (``surrogateescape``) and are written back unchanged.
     """
 
-    __slots__ = ("name", "retval", "_p", "_raw", "_line", "_pstart", "_extra", "_pairs",
-                 "changes", "id",
+    __slots__ = ("name", "retval", "_p", "_line", "_pstart", "_extra", "_pairs",
+                 "changes", "id", "forwarded",
                  "time", "received_at", "deadline", "original_name", "original_retval",
                  "answered", "handled")
 
@@ -76,7 +80,6 @@ class Message:
         self._extra: list[tuple[str, str]] | None = None
         self._pairs: list[tuple[str, str]] | None = None
         self._line: str | None = None
-        self._raw: dict[str, str] | None = None
         self._pstart = 0
         if params is None:
             self._p: dict[str, object] = {}
@@ -86,6 +89,7 @@ class Message:
             self._p = {}
             self._load(params.items() if isinstance(params, Mapping) else params)
         self.changes: dict[str, str | None] | None = None
+        self.forwarded = ""
         self.id = id
         self.time = time
         self.received_at = 0.0
@@ -111,6 +115,7 @@ class Message:
         m._extra = None
         m._pairs = None
         m.changes = None
+        m.forwarded = ""
         m.id = id
         m.time = time
         m.received_at = 0.0
@@ -132,7 +137,6 @@ class Message:
         m._p = params
         m._pairs = pairs
         m._line = None
-        m._raw = None
         m._pstart = 0
         return m
 
@@ -144,7 +148,6 @@ class Message:
         m = cls._blank(name, retval, id, time)
         m._p = {}
         m._line = line
-        m._raw = None
         m._pstart = pstart
         return m
 
@@ -156,7 +159,6 @@ class Message:
             return
         params, pairs = decode_params(line, self._pstart)
         self._line = None
-        self._raw = None
         for k, v in (self.changes or {}).items():
             if v is None or type(v) is Reset:
                 params.pop(k, None)
@@ -201,16 +203,19 @@ class Message:
         v = self._p.get(key, _MISS)
         if v is not _MISS:
             return default if v is _ABSENT else v  # type: ignore[return-value]
-        if self._line is None:
+        line = self._line
+        if line is None:
             return default
-        raw = self._raw
-        if raw is None:
-            raw = self._raw = split_params(self._line, self._pstart)
-            if raw is None:  # duplicates or odd chunks: the full decoder sorts them out
-                return self.params.get(key, default)
-        v = raw.get(key)
-        if v is None:
+        if "%" in key or ":" in key or "=" in key:  # its wire form differs: decode it all
+            return self.params.get(key, default)
+        # Every ':' of the line separates fields (a ':' in a value is escaped), so the first
+        # ":key=" after the name is exactly the first param named key.
+        i = line.find(":" + key + "=", self._pstart)
+        if i < 0:
             return default
+        i += len(key) + 2
+        j = line.find(":", i)
+        v = line[i:] if j < 0 else line[i:j]
         if "%" in v:
             v = unescape(v)
         self._p[key] = v
@@ -266,15 +271,44 @@ class Message:
         for k, v in values.items():
             self[k] = v
 
-    def has_prefix(self, prefix: str) -> bool:
-        """Is there a param whose name starts with ``prefix`` (a plain name start)?"""
+    def wire_params(self, keys: tuple[str, ...]) -> str:
+        """``:k=v`` for each of ``keys`` that has a non-empty value, the value as escaped on the
+        wire: params forwarded into a message of ours (``forwarded``) unchanged, without being
+        unescaped and escaped again. ``keys`` are plain names (no ``%``, ``:`` or ``=``)."""
+        out = []
+        p = self._p
+        line = self._line
+        start = self._pstart
+        for k in keys:
+            v = p.get(k, _MISS)
+            if v is not _MISS:
+                if v is not _ABSENT and v:
+                    out.append(":" + k + "=" + escape(v))  # type: ignore[operator]
+                continue
+            if line is None:
+                continue
+            i = line.find(":" + k + "=", start)
+            if i < 0:
+                continue
+            j = line.find(":", i + 1)
+            chunk = line[i:] if j < 0 else line[i:j]
+            if len(chunk) > len(k) + 2:
+                out.append(chunk)
+        return "".join(out)
+
+    def has_prefix(self, prefix: str | tuple[str, ...]) -> bool:
+        """Is there a param whose name starts with ``prefix`` (or one of several; plain name
+        starts)?"""
+        prefixes = (prefix,) if type(prefix) is str else prefix
         line = self._line
         if line is not None:
-            if line.find(":" + prefix, self._pstart) >= 0:
-                return True
-            return any(k.startswith(prefix) for k, v in (self.changes or {}).items()
+            start = self._pstart
+            for pre in prefixes:
+                if line.find(":" + pre, start) >= 0:
+                    return True
+            return any(k.startswith(prefixes) for k, v in (self.changes or {}).items()
                        if v is not None)
-        return any(k.startswith(prefix) for k in self._p)
+        return any(k.startswith(prefixes) for k in self._p)
 
     def items(self) -> Iterator[tuple[str, str]]:
         """All params in order, duplicates after the first values."""

@@ -471,27 +471,9 @@ def decode_params(line: str, start: int) -> tuple[dict[str, str], list[tuple[str
     return params, _first_values(params, [(k, v) for k, sep, v in kv if sep])
 
 
-def split_params(line: str, start: int) -> dict[str, str] | None:
-    """The param part as raw (still escaped) ``name -> first value`` chunks, in one pass;
-    ``None`` when the line has empty chunks or bare keys (then use :func:`decode_params`).
-    Names with escapes stay escaped: a plain name never matches them.
-    """
-    if start >= len(line):
-        return {}
-    chunks = line[start + 1:].split(":")
-    parts = [c.partition("=") for c in chunks]
-    raw = {k: v for k, sep, v in parts if sep}
-    if len(raw) == len(chunks):
-        return raw
-    if not all(sep for _, sep, _ in parts):
-        return None  # empty chunks or bare keys
-    # duplicate names (an authenticated sip.message has username twice): first values
-    return {k: v for k, _, v in reversed(parts)}
-
-
 _message.decode_params = decode_params
-_message.split_params = split_params
 _message.unescape = unescape
+_message.escape = escape
 
 
 def _msg_line(line: str, answer: bool) -> FromYate:
@@ -717,9 +699,15 @@ class Encoder:
             if not k or "=" in k:
                 check_param_name(k)
             fields.append(k + "=" + v)
-        if len(fields) == 4:
+        fwd = msg.forwarded
+        if len(fields) == 4 and not fwd:
             fields.append("")  # the ':' after the name is mandatory (§1.4.3)
         body = _escape_joined("\x00".join(fields), len(fields))
+        if fwd:  # already escaped (Message.wire_params): only encoded
+            try:
+                body += fwd.encode(ENCODING, ERRORS)
+            except UnicodeEncodeError as e:
+                raise LocalProtocolError(f"text cannot be encoded: {e}") from None
         return self._finish_bytes(b"%%>message:" + body, f"message {msg.name}")
 
     def answer(self, id: str, handled: bool, name: str, retval: str,

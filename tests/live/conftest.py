@@ -1,7 +1,7 @@
 """Live tests: a real Yate from ``$YATE_PREFIX`` with yate-sipgen under it.
 
 Every test here is skipped, with the reason, when ``YATE_PREFIX`` does not name a Yate build
-(CI has none). Build one as DEVELOPERS.md says, then run ``YATE_PREFIX=... pytest tests/live``.
+(CI has none). Build one as the README ("Against a real Yate") says, then run ``YATE_PREFIX=... pytest tests/live``.
 """
 
 from __future__ import annotations

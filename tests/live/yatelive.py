@@ -6,7 +6,7 @@ time) with ysipchan, regfile, extmodule, rmanager and cdrbuild, and yate-sipgen 
 ``$YATE_PREFIX/bin/yate`` on it, talks to its console through rmanager (:meth:`command`), reads
 its log, and finds the script's process so a test can ``kill -9`` it.
 
-Build Yate as DEVELOPERS.md says (``./configure --prefix=$PREFIX ... && make install-noapi``)
+Build Yate as the README ("Against a real Yate") says (``./configure --prefix=$PREFIX ... && make install-noapi``)
 and export ``YATE_PREFIX=$PREFIX``.
 """
 
@@ -34,7 +34,7 @@ def yate_binary(prefix: str = PREFIX) -> str:
 def available(prefix: str = PREFIX) -> str:
     """Why the live tests cannot run here, or "" when they can."""
     if not prefix:
-        return "YATE_PREFIX is not set (build Yate as DEVELOPERS.md says and export it)"
+        return "YATE_PREFIX is not set (build Yate as the README ('Against a real Yate') says and export it)"
     if not os.access(yate_binary(prefix), os.X_OK):
         return f"YATE_PREFIX={prefix}: no executable {yate_binary(prefix)}"
     return ""
@@ -76,13 +76,16 @@ class LiveYate:
     ``sipgen``, ``ysipchan``, ``yate``, ``extmodule`` and ``regfile`` are section -> key -> value
     overrides merged into the defaults below (a section mapped to ``None`` is removed).
     ``script_arg`` replaces the [scripts] value (default: the generated sipgen.conf).
+    ``regexroute`` is the text of regexroute.conf, written as given (its rules repeat keys such
+    as ``.*``, which a dict cannot hold); default: an empty ``[default]`` context.
     """
 
     def __init__(self, workdir: Path, *, sipgen: Optional[dict] = None,
                  ysipchan: Optional[dict] = None, yate: Optional[dict] = None,
                  extmodule: Optional[dict] = None, regfile: Optional[dict] = None,
                  users: Optional[dict[str, str]] = None, modules: tuple[str, ...] = (),
-                 script: str = SCRIPT, prefix: str = PREFIX, tcp: bool = False) -> None:
+                 script: str = SCRIPT, prefix: str = PREFIX, tcp: bool = False,
+                 regexroute: Optional[str] = None) -> None:
         self.prefix = prefix
         self.workdir = Path(workdir)
         self.conf = self.workdir / "conf"
@@ -96,6 +99,7 @@ class LiveYate:
         self.sipgen_conf = self.workdir / "sipgen.conf"
         self.proc: Optional[subprocess.Popen[bytes]] = None
         self.users = dict(USERS if users is None else users)
+        self.regexroute_text = regexroute
         self._log_pos = 0
         mods = {m: "yes" for m in ("ysipchan.yate", "regfile.yate", "extmodule.yate",
                                    "rmanager.yate", "cdrbuild.yate") + tuple(modules)}
@@ -137,6 +141,8 @@ class LiveYate:
         }
         for name, sections in files.items():
             (self.conf / name).write_text(_ini(sections))
+        if self.regexroute_text is not None:
+            (self.conf / "regexroute.conf").write_text(self.regexroute_text)
         self.sipgen_conf.write_text(_ini(self.sipgen_cfg))
 
     def set_sipgen(self, section: str, **keys: Any) -> None:
@@ -144,13 +150,21 @@ class LiveYate:
         self.sipgen_conf.write_text(_ini(self.sipgen_cfg))
 
     # -- process -----------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0, wait_installed: Optional[str] = "sip.message"
-              ) -> None:
+    def start(self, timeout: float = 10.0, wait_installed: Optional[str] = "sip.message",
+              verbosity: str = "-vvvvv") -> None:
+        """Start Yate; wait for rmanager and (unless ``wait_installed`` is None) yate-sipgen.
+
+        ``verbosity`` is Yate's debug-level option: ``"-vvvvv"`` (the default) logs everything
+        (level 10), ``"-v"`` level 8, ``""`` Yate's default level 7 (notes, warnings and
+        alarms such as "did not return in" still appear). Load runs use a low level so that
+        writing the log does not dominate Yate's CPU.
+        """
         env = dict(os.environ, LD_LIBRARY_PATH=os.path.join(self.prefix, "lib"))
         cmd = [yate_binary(self.prefix), "-c", str(self.conf),
                "-m", os.path.join(self.prefix, "lib", "yate"),
                "-e", os.path.join(self.prefix, "share", "yate"),
-               "-l", str(self.log), "-vvvvv", "-Df", "-n", "yate"]
+               "-l", str(self.log)] + ([verbosity] if verbosity else []) + [
+               "-Df", "-n", "yate"]
         self._log_pos = self.log.stat().st_size if self.log.exists() else 0
         self.proc = subprocess.Popen(cmd, cwd=str(self.workdir), env=env,
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

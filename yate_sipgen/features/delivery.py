@@ -265,11 +265,24 @@ class Deliverer:
 
     # -- routing ---------------------------------------------------------------------------
     async def route(self, called: str, called_domain: str, params: dict[str, str],
-                    timeout: float | None = None) -> Route:
-        params = dict(params, route_type="msg", called=called, called_domain=called_domain)
-        answer = await self.engine.dispatch(Message("call.route", params),
-                                            timeout=timeout or self.route_timeout)
-        return parse_route(answer)
+                    timeout: float | None = None, forwarded: str = "") -> Route:
+        """Ask Yate where ``called@called_domain`` is (``call.route route_type=msg``)."""
+        return parse_route(await self.route_request(called, called_domain, params, timeout,
+                                                    forwarded))
+
+    def route_request(self, called: str, called_domain: str, params: dict[str, str],
+                      timeout: float | None = None, forwarded: str = "") -> Any:
+        """Dispatch the ``call.route``; the awaitable gives Yate's answer (see :func:`parse_route`).
+
+        ``params`` is taken over (not copied); ``forwarded`` are wire-form params of the
+        sender's message (:meth:`Message.wire_params`).
+        """
+        params["route_type"] = "msg"
+        params["called"] = called
+        params["called_domain"] = called_domain
+        m = Message.from_wire("call.route", "", params)
+        m.forwarded = forwarded
+        return self.engine.dispatch(m, timeout=timeout or self.route_timeout)
 
     # -- sending ---------------------------------------------------------------------------
     def send(self, out: Outgoing, targets: list[Target]) -> Awaitable[int]:
@@ -296,12 +309,14 @@ class Deliverer:
         return best_failure([t.result() or 480 for t in tasks])
 
     async def send_one(self, out: Outgoing, target: Target) -> int:
-        waiter = self.slots.enter()
+        slots = self.slots
+        waiter = slots.enter()
         if waiter is not None:
-            await self.slots.wait(waiter)
+            await slots.wait(waiter)
         try:
-            if target.is_sip:
-                return await self._xsip(out, target)
+            if target.callto[:4] == "sip/":
+                return _code_of(await self.engine.dispatch(self.xsip_message(out, target),
+                                                           timeout=self.delivery_timeout))
             if self.other_targets == "reject":
                 return 404
             return await self._msg_execute(out, target)
@@ -313,13 +328,15 @@ class Deliverer:
             log.warning("cannot send MESSAGE for %s to %s: %s", out.user, target.callto, e)
             return 413
         finally:
-            self.slots.leave()
+            slots.leave()
 
-    async def _xsip(self, out: Outgoing, target: Target) -> int:
+    @staticmethod
+    def xsip_message(out: Outgoing, target: Target) -> Message:
+        """The ``xsip.generate`` (``wait=true``) that sends ``out`` to a ``sip/`` target."""
         p = {
-            "method": "MESSAGE", "uri": target.uri, "wait": "true",
+            "method": "MESSAGE", "uri": target.callto[4:], "wait": "true",
             "antiloop": str(out.antiloop),
-            "sip_From": f"{out.from_hdr};tag={out.from_tag}",
+            "sip_From": out.from_hdr + ";tag=" + out.from_tag,
             "sip_To": out.to_hdr, "sip_Call-ID": out.call_id, "sip_CSeq": "1 MESSAGE",
             "sip_Date": http_date(out.received),
             "xsip_type": out.content_type, "xsip_body": out.body,
@@ -332,9 +349,7 @@ class Deliverer:
             p["connection_id"] = target.connection_id
         if out.auto:
             p["sip_Auto-Submitted"] = "auto-generated"
-        answer = await self.engine.dispatch(Message.from_wire("xsip.generate", "", p),
-                                            timeout=self.delivery_timeout)
-        return _code_of(answer)
+        return Message.from_wire("xsip.generate", "", p)
 
     async def _msg_execute(self, out: Outgoing, target: Target) -> int:
         m = Message("msg.execute", {

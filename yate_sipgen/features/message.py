@@ -33,7 +33,9 @@ from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
 from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
                    new_call_id, new_tag, parse_name_addr, parse_uri)
 from ..store import AsyncStore, SQLiteMessageStore, owner_is_dead
-from .delivery import STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Target
+from .registrations import Registrations
+from .delivery import (STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Target,
+                       parse_route)
 
 log = logging.getLogger("yate_sipgen.message")
 
@@ -72,6 +74,13 @@ key(S, "domain_aliases", "bool", True,
 key(S, "relay_foreign", "bool", False,
     "Send MESSAGEs for hosts outside 'domains' straight to their Request-URI (authenticated "
     "senders only) instead of answering 403.")
+key(S, "routing", "choice", "yate",
+    "How a recipient is found. yate: ask Yate's routing (call.route route_type=msg: regfile, "
+    "register, regexroute rules) for every MESSAGE. registrations: send straight to the "
+    "contact the user registered from (we watch user.register/user.unregister), skipping that "
+    "round trip; users we have seen no registration of since our start, or with several "
+    "contacts, are still routed by Yate. Choose yate when your routing for messages does more "
+    "than look up registrations.", choices=("yate", "registrations"))
 key(S, "content_types", "list",
     ("text/plain", "text/html", "message/cpim", "message/imdn+xml",
      "application/im-iscomposing+xml"),
@@ -255,6 +264,7 @@ class MessageFeature:
         self.engine = app.engine
         self.counters = app.stats.feature("message")
         self.deliverer = Deliverer(self.engine, self.counters)
+        self.registrations = Registrations(self.user_key)
         m = app.config["message"]
         self.state_dir = app.config["general"]["state_dir"]
         if not m["enable"]:
@@ -262,6 +272,7 @@ class MessageFeature:
         self.engine.add_handler("sip.message", self.on_sip_message, priority=m["priority"],
                                 owner="message", inline=True)
         self.engine.watcher("user.register")(self.on_register)
+        self.engine.watcher("user.unregister")(self.registrations.unregistered)
         if m["msg_execute"]:
             self.engine.add_handler("msg.execute", self.on_msg_execute,
                                     priority=m["msg_execute_priority"], owner="message",
@@ -411,10 +422,9 @@ class MessageFeature:
             self._reject(msg, 415, f"content type {media}", Accept=cfg["_accept"])
             return 415
         body = get("xsip_body") or ""
-        # other body parts and body headers (multipart, Content-Disposition): rare, so a
+        # other body parts and body headers (multipart, Content-Disposition): rare, so one
         # search of the names decides whether to look for them
-        if (msg.has_prefix("xsip_body.") or msg.has_prefix("xsip_type.")
-                or msg.has_prefix("xsip_body_encoding.")):
+        if msg.has_prefix(_BODY_PARAMS):
             extra = {k: v for k, v in msg.items() if k.startswith(_BODY_PARAMS)}
         else:
             extra = {}
@@ -466,8 +476,8 @@ class MessageFeature:
                        call_id=new_call_id(), from_tag=new_tag(), received=time.time(),
                        antiloop=hops - 1 if hops > 1 else 1, caller=sender_user,
                        called=rcpt_user,
-                       notify_sender=bool(username or trusted_line) and
-                       media not in NEVER_AUTO_ANSWER and not self.is_automatic(msg, frm))
+                       notify_sender=self._may_notify(msg, frm, media,
+                                                      bool(username or trusted_line)))
         if hops - 1 <= 0:
             self._reject(msg, 483, "no hop left to forward")
             return 483
@@ -515,18 +525,26 @@ class MessageFeature:
 
     def is_automatic(self, msg: Message, frm: Any = None) -> bool:
         """A message that no automatic sender (notices, services) may ever answer."""
-        if media_type(msg.get("xsip_type", "")) in NEVER_AUTO_ANSWER:
-            return True
-        if msg.get("sip_auto-submitted", "no").lower() != "no":
-            return True
-        if not msg.get("username") and not msg.get("in_line"):
-            return True
         if frm is None:
-            frm = parse_name_addr(msg.get("sip_from", ""))
-        if frm is None or frm.uri.user == self.cfg.get("notice_from"):
-            return True
+            frm = parse_name_addr(msg.get("sip_from") or "")
+            if frm is None:
+                return True
+        return not self._may_notify(msg, frm, media_type(msg.get("xsip_type") or ""),
+                                    bool(msg.get("username") or msg.get("in_line")))
+
+    def _may_notify(self, msg: Message, frm: Any, media: str, authenticated: bool) -> bool:
+        """May an automatic sender of ours (notices) ever write back to this sender? Never to
+        automatic messages (RFC 3834: typing and delivery notices, Auto-Submitted), nor to
+        unauthenticated or foreign senders, nor to our own notice user."""
+        if not authenticated or media in NEVER_AUTO_ANSWER:
+            return False
+        auto = msg.get("sip_auto-submitted")
+        if auto and auto.lower() != "no":
+            return False
+        if frm.uri.user == self.cfg.get("notice_from"):
+            return False
         domains = self.cfg.get("_domains")
-        return bool(domains) and frm.uri.host not in domains
+        return not domains or frm.uri.host in domains
 
     def _over_rate(self, msg: Message, sender: str) -> bool:
         """Answer 503 with Retry-After (and say True) when ``sender`` is over its rate."""
@@ -552,20 +570,18 @@ class MessageFeature:
         b.tokens -= 1.0
         return True
 
-    async def _route(self, inb: Inbound, msg: Message | None, timeout: float) -> Route:
-        if inb.foreign:  # relay_foreign: straight to the Request-URI
-            return Route([Target("sip/" + f"sip:{inb.rcpt_user}@{inb.rcpt_host}")])
+    #: Params of the sender's MESSAGE forwarded in our call.route, for routers that look at
+    #: them (regexroute rules on ${username}, ${ip_host}, ...).
+    ROUTE_PARAMS = ("username", "callername", "in_line", "ip_host", "ip_port", "ip_transport",
+                    "address", "connection_id", "antiloop", "sip_uri", "billid")
+
+    def _route_request(self, inb: Inbound, msg: Message | None, timeout: float) -> Any:
+        """Dispatch the call.route for ``inb``; awaits to Yate's answer (or a ready Route)."""
         params = {"caller": inb.sender_user, "domain": inb.sender_host,
-                  "called": inb.rcpt_user, "called_domain": inb.rcpt_host,
                   "module": "sipgen", "xsip_type": inb.out.content_type}
-        if msg is not None:
-            for k in ("username", "callername", "in_line", "ip_host", "ip_port", "ip_transport",
-                      "address", "connection_id", "antiloop", "sip_uri", "billid"):
-                v = msg.get(k)
-                if v:
-                    params[k] = v
-        return await self.deliverer.route(inb.rcpt_user, inb.rcpt_host, params,
-                                          timeout=max(timeout, 0.05))
+        return self.deliverer.route_request(
+            inb.rcpt_user, inb.rcpt_host, params, timeout=max(timeout, 0.05),
+            forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "")
 
     async def _route_key(self, user: str) -> Route:
         """Route a stored message's recipient (``user@domain``) for a retry run."""
@@ -588,11 +604,16 @@ class MessageFeature:
         return await self._deliver_and_answer(msg, inb, route)
 
     async def _lookup(self, msg: Message, inb: Inbound) -> Route:
-        loop = asyncio.get_running_loop()
-        budget = (msg.deadline - STORE_RESERVE - loop.time() if not msg.answered
+        if inb.foreign:  # relay_foreign: straight to the Request-URI
+            return Route([Target("sip/" + f"sip:{inb.rcpt_user}@{inb.rcpt_host}")])
+        if self.cfg["routing"] == "registrations":
+            target = self.registrations.target(inb.out.user)
+            if target is not None:
+                return Route([target])
+        budget = (msg.deadline - STORE_RESERVE - self.engine.now() if not msg.answered
                   else self.deliverer.route_timeout)
         try:
-            return await self._route(inb, msg, budget)
+            return parse_route(await self._route_request(inb, msg, budget))
         except DispatchTimeout:
             return Route([], 503)
         except DispatchCancelled:
@@ -867,15 +888,10 @@ class MessageFeature:
         to its main domain (``domain_aliases``): registering at an address of ours and being
         messaged at our name is the same user.
         """
-        if not msg.handled or self.store is None:
+        bound = self.registrations.registered(msg)
+        if bound is None or self.store is None:
             return
-        user = msg.get("username") or msg.get("number") or ""
-        uri = parse_uri(msg.get("sip_uri", ""))
-        data = msg.get("data", "")
-        if not user or uri is None or not data.startswith("sip/"):
-            return
-        keyname = self.user_key(user, uri.host)
-        target = Target(data, msg.get("oconnection_id") or msg.get("connection_id") or "")
+        keyname, target = bound
         opening = self._opening
         if opening is not None and not opening.done():
             # right after a start the backlog is known only once the store is open
