@@ -64,6 +64,7 @@ class _Route:
     entries: list[_Entry] = field(default_factory=list)
     all_sync: bool = True
     inline: bool = True  # every async handler may run in a Flow (see flow.py)
+    single: Handler | None = None  # the only entry, inline async without a filter
 
     def install_args(self) -> tuple[int, str | None, str | None]:
         prio = min(e.priority for e in self.entries)
@@ -136,6 +137,9 @@ class Engine:
         route.entries.sort(key=lambda e: e.priority)
         route.all_sync = not any(e.is_async for e in route.entries)
         route.inline = all(e.inline for e in route.entries if e.is_async)
+        only = route.entries[0] if len(route.entries) == 1 else None
+        route.single = (only.func if only is not None and only.is_async and only.inline
+                        and only.filter is None else None)
 
     def watcher(self, name: str) -> Callable[[Watcher], Watcher]:
         """Decorator: be told about every dispatched ``name`` (post-dispatch, no answer)."""
@@ -264,7 +268,14 @@ class Engine:
             return
         if route.inline:
             self._flows += 1
-            self._tasks[msg.id] = Flow(self._run(msg, route), self.runq, self._flow_done).start()
+            single = route.single
+            if single is not None:  # the handler's own coroutine is the flow: one frame less
+                flow = Flow(single(msg), self.runq,
+                            lambda value, exc: self._single_done(msg, value, exc))
+            else:
+                flow = Flow(self._run(msg, route), self.runq, self._flow_done)
+            self._tasks[msg.id] = flow
+            flow.start()
         else:
             self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
         timer = self._deadline_timer
@@ -272,6 +283,24 @@ class Engine:
             if timer is not None:
                 timer.cancel()
             self._arm_deadline(msg.deadline)
+
+    def _single_done(self, msg: Message, handled: Any, exc: BaseException | None) -> None:
+        """The end of a Flow running a route's only handler: what :meth:`_run` does after it."""
+        self._flows -= 1
+        self._tasks.pop(msg.id, None)
+        if exc is None:
+            if not msg.answered:
+                self._answer(msg, bool(handled))
+            return
+        if isinstance(exc, asyncio.CancelledError):
+            if not msg.answered and self.session is not None and msg.id in self.session.incoming:
+                self._fail(msg, 500)
+            return
+        self.stats.events["handler_error"] += 1
+        log.error("handler for %s failed%s", msg.name, " after answering" if msg.answered else "",
+                  exc_info=exc)
+        if not msg.answered:
+            self._fail(msg, 500)
 
     def _flow_done(self, value: Any, exc: BaseException | None) -> None:
         self._flows -= 1
@@ -485,6 +514,10 @@ class Engine:
             raise DispatchCancelled("not connected to Yate")
         getattr(s, kind)(*args)
         self._schedule_flush()
+
+    def new_waiter(self) -> Waiter:
+        """A one-shot awaitable that resumes a waiting Flow at once when set (gates, queues)."""
+        return Waiter(self.runq, self._loop)
 
     def now(self) -> float:
         """The loop's clock (deadlines and dispatch timeouts are on it)."""

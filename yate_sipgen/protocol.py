@@ -692,13 +692,13 @@ class Encoder:
         """``%%>message``: dispatch ``msg`` (all its params) under ``id`` (empty: no answer)."""
         if not 0 <= time <= 0xFFFFFFFF:
             raise LocalProtocolError(f"message time {time} is not a 32-bit unsigned number")
-        fields = [id, str(int(time)), msg.name, msg.retval]
         # Only the first value of each name: Yate keeps one param per name from a script's
         # message ("d=1:d=2" becomes d=2), and msg[k] is the first value on our side.
-        for k, v in msg.params.items():
-            if not k or "=" in k:
+        params = msg.params
+        if "" in params or "=" in "".join(params):
+            for k in params:
                 check_param_name(k)
-            fields.append(k + "=" + v)
+        fields = [id, str(int(time)), msg.name, msg.retval, *map("=".join, params.items())]
         fwd = msg.forwarded
         if len(fields) == 4 and not fwd:
             fields.append("")  # the ':' after the name is mandatory (§1.4.3)

@@ -40,6 +40,10 @@ UNREACHABLE_ERRORS = frozenset(("offline", "notransport", "noconn", "noroute", "
 _CALLTO_N = re.compile(r"callto\.(\d+)")
 
 
+def _loop_future() -> asyncio.Future[None]:
+    return asyncio.get_running_loop().create_future()
+
+
 class UserGate:
     """One holder at a time per key, waiters served in FIFO order.
 
@@ -53,10 +57,13 @@ class UserGate:
         finally: gate.leave(key)
     """
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_new")
 
-    def __init__(self) -> None:
-        self._held: dict[str, deque[asyncio.Future[None]] | None] = {}
+    def __init__(self, new_waiter: Callable[[], Any] | None = None) -> None:
+        self._held: dict[str, deque[Any] | None] = {}
+        # what a waiter is: the engine's Waiter (a Flow waiting on it resumes in the same
+        # read, without a pass of the loop), or an asyncio future by default
+        self._new = new_waiter or _loop_future
 
     def locked(self, key: str) -> bool:
         return key in self._held
@@ -68,7 +75,7 @@ class UserGate:
         q = self._held[key]
         if q is None:
             q = self._held[key] = deque()
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._new()
         q.append(fut)
         return fut
 
@@ -93,18 +100,19 @@ class UserGate:
 class CountGate:
     """At most ``limit`` holders; the others wait in FIFO order (a lean semaphore)."""
 
-    __slots__ = ("limit", "active", "_waiters")
+    __slots__ = ("limit", "active", "_waiters", "_new")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, new_waiter: Callable[[], Any] | None = None) -> None:
         self.limit = limit
         self.active = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[Any] = deque()
+        self._new = new_waiter or _loop_future
 
     def enter(self) -> asyncio.Future[None] | None:
         if self.active < self.limit and not self._waiters:
             self.active += 1
             return None
-        fut = asyncio.get_running_loop().create_future()
+        fut = self._new()
         self._waiters.append(fut)
         return fut
 
@@ -245,8 +253,9 @@ class Deliverer:
         # unique per instance, and tells whether its process still runs (store.owner_is_dead)
         self.owner = new_owner()
         self.backlog: set[str] = set()  # users with stored rows (this instance's view)
-        self.users = UserGate()  # one delivery at a time per user (RFC 3428 §8)
-        self.slots = CountGate(200)  # deliveries waiting on Yate at once
+        new_waiter = getattr(engine, "new_waiter", None)
+        self.users = UserGate(new_waiter)  # one delivery at a time per user (RFC 3428 §8)
+        self.slots = CountGate(200, new_waiter)  # deliveries waiting on Yate at once
         self.delivery_timeout = 40.0
         self.route_timeout = 5.0
         self.retry_min = 30.0
