@@ -455,6 +455,9 @@ class ScriptedEngine:
         self.max_active = 0
         self.cancelled = 0
 
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
     async def dispatch(self, m: Message, timeout: float | None = None) -> Message:
         self.sent.append(m)
         self.active += 1

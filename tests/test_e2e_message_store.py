@@ -625,3 +625,45 @@ def test_store_switched_on_by_a_reload_opens_the_database_and_stores(tmp_path: P
             assert_clean(y)
 
     run(scenario)
+
+
+def test_a_busy_recipient_gets_every_message_once_in_order_and_no_answer_is_late(
+        tmp_path: Path) -> None:
+    """RFC 3428 §8 (one MESSAGE pending per recipient) with more traffic than one recipient
+    takes before the deadline: the queue never pushes an answer past Yate's timeout; what
+    cannot wait is stored at once (202) and sent after the ones ahead of it, in order."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"max_per_user": "100", "sender_rate": "1000",
+                                      "sender_burst": "1000"}, general=DEADLINE) as y:
+            y.register_contact(BOB, BOB_URI)
+            active = []
+
+            async def phone(m):  # one at a time, 0.15 s each: ~13 fit in the 2 s budget
+                active.append(1)
+                assert len(active) == 1, "two MESSAGEs pending for one recipient"
+                await asyncio.sleep(0.15)
+                active.pop()
+                return 200
+
+            y.xsip = phone
+            for i in range(5):  # how long a delivery takes is learnt from the first ones
+                assert (await y.message(xsip_body=f"w{i}")).get("code") == "200"
+            y.xsip_seen.clear()
+            t0 = time.monotonic()
+            answers = await asyncio.gather(*(y.message(xsip_body=f"m{i}") for i in range(30)))
+            took = time.monotonic() - t0
+            assert all(a.answered and not a.timed_out for a in answers)
+            assert took < 3.0  # every answer before Yate's 3 s timeout
+            codes = [a.get("code") for a in answers]
+            assert set(codes) <= {"200", "202"} and "202" in codes and "200" in codes
+            await y.wait_xsip(30, timeout=10)
+            await y.wait_store_empty(timeout=10)
+            await asyncio.sleep(0.3)
+            assert y.bodies() == [f"m{i}" for i in range(30)]  # each once, in order
+            st = await y.status()
+            assert int(st.get("message.spilled", "0")) > 0  # stored at once, not at the deadline
+            assert int(st["message.spilled"]) + int(st.get("message.deadline", "0")) \
+                == codes.count("202")
+            assert_clean(y)
+
+    run(scenario, timeout=40)

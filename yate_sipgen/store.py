@@ -74,12 +74,14 @@ class MessageStore(ABC):
 
     @abstractmethod
     def claim(self, user: str, owner: str, lease_until: float, now: float, limit: int,
-              due_only: bool = True) -> list[StoredMessage]:
-        """Lease the user's oldest rows, in order, stopping at the first one not claimable.
+              due_only: bool = True, up_to: float | None = None) -> list[StoredMessage]:
+        """Lease the user's oldest rows, in arrival order (``received``), stopping at the first
+        one not claimable.
 
         A row is claimable when its lease has run out or is ``owner``'s own (a copy stored
         while its live delivery was still running), and, with ``due_only``, when its retry
-        time has come.
+        time has come. ``up_to``: only rows received no later than that (a live message
+        sends what arrived before it, never what arrived after it).
         """
 
     @abstractmethod
@@ -243,16 +245,18 @@ class SQLiteMessageStore(MessageStore):
                                    (user,)).fetchone()[0])
 
     def claim(self, user: str, owner: str, lease_until: float, now: float, limit: int,
-              due_only: bool = True) -> list[StoredMessage]:
+              due_only: bool = True, up_to: float | None = None) -> list[StoredMessage]:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             rows = self.db.execute(
                 f"SELECT {_COLS}, lease_until, lease_owner FROM messages WHERE user=? "
-                "ORDER BY id LIMIT ?", (user, limit)).fetchall()
+                "ORDER BY received, id LIMIT ?", (user, limit)).fetchall()
             taken: list[StoredMessage] = []
             for r in rows:
                 if (r[17] > now and r[18] != owner) or (due_only and r[14] > now):
                     break  # keep the order: never skip past a row we cannot take
+                if up_to is not None and r[11] > up_to:
+                    break
                 taken.append(_row(r))
             if taken:
                 self.db.executemany("UPDATE messages SET lease_owner=?, lease_until=? WHERE id=?",
@@ -299,10 +303,10 @@ class SQLiteMessageStore(MessageStore):
 
     def list(self, user: str | None = None, limit: int = 1000) -> list[StoredMessage]:
         if user is None:
-            rows = self.db.execute(f"SELECT {_COLS} FROM messages ORDER BY user, id LIMIT ?",
+            rows = self.db.execute(f"SELECT {_COLS} FROM messages ORDER BY user, received, id LIMIT ?",
                                    (limit,)).fetchall()
         else:
-            rows = self.db.execute(f"SELECT {_COLS} FROM messages WHERE user=? ORDER BY id "
+            rows = self.db.execute(f"SELECT {_COLS} FROM messages WHERE user=? ORDER BY received, id "
                                    "LIMIT ?", (user, limit)).fetchall()
         return [_row(r) for r in rows]
 

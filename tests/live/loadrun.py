@@ -6,7 +6,11 @@ fresh Yate (:class:`yatelive.LiveYate`, a new temporary directory, so nothing le
 rows: no registrations, no stored messages, no warmed-up worker threads), registers the
 recipients so that all their Contacts point at ONE ``sipp`` UAS process, and lets a ``sipp`` UAC
 send unauthenticated MESSAGEs (``text/plain``, a short body) at the rate for the duration,
-round robin over the recipients (an injection CSV). Everything is on 127.0.0.1.
+round robin over the recipients (an injection CSV), retransmitting over UDP as a phone does
+(Timer E) until a final answer or Timer F (32 s). The registrations are sent from the UAS's
+port before sipp takes it, so ysipchan's NAT detection leaves the Contacts alone. Yate logs at
+its default level (no ``-v``) so that writing the log does not dominate its CPU. Everything is
+on 127.0.0.1.
 
 Setups:
 
@@ -16,6 +20,8 @@ Setups:
     answers 415 for an empty type, logs the message, enqueues ``msg.execute`` to
     ``lateroute/${called}`` and answers 200; ``[msg.execute]`` renames the routed message to
     ``xsip.generate method=MESSAGE``. regexroute.yate and lateroute.yate are loaded, no script.
+    (With unauthenticated senders ``${domain}`` is empty, so the recipe's forwarded MESSAGE
+    has ``From: <sip:1000@>``; sipp does not mind.)
 ``sipgen``
     yate-sipgen in set-up (A) (``scripts/yate-sipgen`` from this checkout, as it is when the row
     starts) with ``[message] auth=optional``, ``domains=127.0.0.1`` and the per-sender rate
@@ -41,7 +47,8 @@ Run it (needs ``YATE_PREFIX`` and ``sipp`` on ``PATH``)::
 
     YATE_PREFIX=/work/yate/prefix .venv/bin/python tests/live/loadrun.py \\
         --rates 100,250,500 --duration 10 --recipients 50,1 [--json FILE] \\
-        [--setups recipe,sipgen] [--yate-workers default|tuned|default,tuned]
+        [--setups recipe,sipgen] [--yate-workers default|tuned|default,tuned] \\
+        [--sipgen-option general.max_in_progress=200 ...] [--workdir DIR]
 
 Figures depend on the machine and on whatever else runs on it: read them side by side within
 one run, never against fixed numbers.
@@ -141,7 +148,9 @@ def uac_scenario() -> str:
 
     Each final answer writes one log line ``final;<code>;<call number>;<s0>;<u0>;<s1>;<u1>``:
     the time (gettimeofday, seconds and microseconds) just before the MESSAGE was sent and when
-    its final answer was received. A 100 Trying is accepted and ignored.
+    its final answer was received. A 100 Trying is accepted and ignored. The MESSAGE is
+    retransmitted as a phone does over UDP (RFC 3261 Timer E: after 0.5 s, doubling up to
+    sipp's T2 of 4 s, until a final answer); sipp does not retransmit without ``retrans``.
     """
     logged = ('<action><gettimeofday assign_to="s1,u1"/>'
               '<log message="final;{code};[call_number];[$s0];[$u0];[$s1];[$u1]"/></action>')
@@ -153,7 +162,7 @@ def uac_scenario() -> str:
     return f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
 <scenario name="sipgen-load-uac">
   <nop><action><gettimeofday assign_to="s0,u0"/></action></nop>
-  <send>
+  <send retrans="500">
     <![CDATA[
 MESSAGE sip:[field0]@[remote_ip]:[remote_port] SIP/2.0
 Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch];rport
@@ -225,6 +234,16 @@ def cpu_seconds(pid: Optional[int]) -> Optional[float]:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def udp_rcvbuf_errors() -> Optional[int]:
+    """The kernel's count of UDP datagrams dropped for a full receive buffer (all sockets)."""
+    try:
+        with open("/proc/net/snmp") as f:
+            rows = [ln.split() for ln in f if ln.startswith("Udp:")]
+        return int(rows[1][rows[0].index("RcvbufErrors")])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def percentile(values: list[float], pct: float) -> Optional[float]:
     """Nearest-rank percentile (``pct`` in 0..100) of ``values``; None when empty."""
     if not values:
@@ -268,8 +287,11 @@ class Row:
                     code the scenario does not list (``uac_unexpected``).
     ``p50_ms``/``p99_ms``/``max_ms``  response time: sending the MESSAGE to receiving its final
                     answer, in ms, nearest-rank percentiles over the answered MESSAGEs.
-    ``uac_retransmissions``  MESSAGEs the UAC sent again (UDP Timer E: no final answer after
-                    0.5 s, 1 s, 2 s, 4 s, ...; a 100 Trying does not stop them).
+    ``uac_retransmissions``  sipp's Retransmissions counter at the UAC (MESSAGEs it sent
+                    again for want of an answer, Timer E, and responses it got twice).
+    ``udp_drops``   UDP datagrams the kernel dropped for a full receive buffer during the row
+                    (/proc/net/snmp RcvbufErrors, all sockets on the machine: Yate's SIP socket
+                    overflows when ysipchan's flood protection stops reading it).
 
     At the recipients (the one sipp UAS all Contacts point at):
 
@@ -321,6 +343,7 @@ class Row:
     uac_retransmissions: int = 0
     uac_out_of_call: int = 0
     uac_unexpected: int = 0
+    udp_drops: Optional[int] = None
     delivered: int = 0
     delivered_twice: int = 0
     uas_repeats: int = 0
@@ -366,8 +389,12 @@ class Row:
 
 # -- one row ----------------------------------------------------------------------------------
 
-def yate_overrides(setup: str, workers: str, users: dict[str, str]) -> dict[str, Any]:
-    """LiveYate constructor arguments for a setup and worker setting."""
+def yate_overrides(setup: str, workers: str, users: dict[str, str],
+                   sipgen_extra: Optional[dict[str, dict[str, str]]] = None) -> dict[str, Any]:
+    """LiveYate constructor arguments for a setup and worker setting.
+
+    ``sipgen_extra`` (section -> key -> value) is merged into sipgen.conf (sipgen rows only).
+    """
     ysip = {"general": {"initial_headers": "no"}, "methods": {"message": "no"},
             "message": {"enable": "no"}}
     kw: dict[str, Any] = {"ysipchan": ysip, "users": users,
@@ -376,8 +403,11 @@ def yate_overrides(setup: str, workers: str, users: dict[str, str]) -> dict[str,
         kw.update(modules=("regexroute.yate", "lateroute.yate"),
                   extmodule={"scripts": None}, regexroute=RECIPE_REGEXROUTE)
     elif setup == "sipgen":
-        kw["sipgen"] = {"message": {"auth": "optional", "domains": "127.0.0.1",
-                                    "sender_rate": "100000", "sender_burst": "100000"}}
+        conf = {"message": {"auth": "optional", "domains": "127.0.0.1",
+                            "sender_rate": "100000", "sender_burst": "100000"}}
+        for sect, keys in (sipgen_extra or {}).items():
+            conf.setdefault(sect, {}).update(keys)
+        kw["sipgen"] = conf
     else:
         raise ValueError(f"unknown setup {setup!r}")
     return kw
@@ -507,7 +537,7 @@ def _wait_uas_quiet(stat: Path, quiet: float = 2.0, limit: float = 30.0) -> None
 
 def run_row(setup: str, workers: str, recipients: int, rate: int, duration: float,
             workdir: Path, *, sipp: str = "sipp", verbosity: str = "",
-            log: Any = None) -> Row:
+            sipgen_extra: Optional[dict[str, dict[str, str]]] = None, log: Any = None) -> Row:
     """Run one row in ``workdir`` (created; a fresh Yate) and return its figures.
 
     A row that could not be run has ``error`` set; the others are still measured.
@@ -516,7 +546,7 @@ def run_row(setup: str, workers: str, recipients: int, rate: int, duration: floa
     row = Row(setup, workers, recipients, rate, duration)
     row.loadavg_before = os.getloadavg()
     users = {str(FIRST_USER + i): f"pw{FIRST_USER + i}" for i in range(recipients)}
-    y = LiveYate(workdir / "yate", **yate_overrides(setup, workers, users))
+    y = LiveYate(workdir / "yate", **yate_overrides(setup, workers, users, sipgen_extra))
     uas: Optional[subprocess.Popen] = None
     uac: Optional[subprocess.Popen] = None
     total = int(rate * duration)
@@ -546,6 +576,7 @@ def run_row(setup: str, workers: str, recipients: int, rate: int, duration: floa
             script = (y.script_pids() or [None])[0] if setup == "sipgen" else None
             meter = CpuMeter({"yate": y.proc.pid, "script": script, "uas": uas.pid})
             meter.mark("start")
+            drops0 = udp_rcvbuf_errors()
             uac = subprocess.Popen(uac_cmd, cwd=workdir, stdin=subprocess.DEVNULL,
                                    stdout=out, stderr=out, start_new_session=True)
             meter.pids["uac"] = uac.pid
@@ -573,6 +604,9 @@ def run_row(setup: str, workers: str, recipients: int, rate: int, duration: floa
             if setup == "sipgen":
                 row.script_restarted = y.script_pids() != [script]
             _wait_uas_quiet(workdir / "uas_stat.csv")
+            drops1 = udp_rcvbuf_errors()
+            if drops0 is not None and drops1 is not None:
+                row.udp_drops = drops1 - drops0
             _udp_send(uas_cp, b"q")  # soft quit: lingering calls end, final stats written
             try:
                 uas.wait(15)
@@ -689,7 +723,8 @@ def plan(setups: Iterable[str], workers: Iterable[str], recipients: Iterable[int
 
 def run_all(rows: list[tuple[str, str, int, int]], duration: float, *,
             workdir: Optional[Path] = None, verbosity: str = "", sipp: str = "sipp",
-            keep: bool = False, log: Any = sys.stderr) -> list[Row]:
+            keep: bool = False, sipgen_extra: Optional[dict[str, dict[str, str]]] = None,
+            log: Any = sys.stderr) -> list[Row]:
     """Run ``rows`` one after the other; each in its own subdirectory of ``workdir``."""
     base = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="sipgen-load-"))
     out: list[Row] = []
@@ -699,7 +734,7 @@ def run_all(rows: list[tuple[str, str, int, int]], duration: float, *,
                   f"for {duration:g} s", file=log, flush=True)
             r = run_row(setup, workers, n, rate, duration,
                         base / f"{i:02d}-{setup}-{workers}-{n}-{rate}", sipp=sipp,
-                        verbosity=verbosity, log=log)
+                        verbosity=verbosity, sipgen_extra=sipgen_extra, log=log)
             print("    " + table([r]).splitlines()[-1], file=log, flush=True)
             out.append(r)
     finally:
@@ -740,6 +775,14 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
+def _option(text: str) -> tuple[str, str, str]:
+    name, eq, value = text.partition("=")
+    sect, dot, key = name.partition(".")
+    if not (eq and dot and sect and key):
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    return sect.strip(), key.strip(), value.strip()
+
+
 def _names(text: str, allowed: Iterable[str], what: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     bad = [n for n in names if n not in allowed]
@@ -766,10 +809,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                     type=lambda t: _names(t, WORKERS, "yate-workers"),
                     help="default, tuned or default,tuned (default: default)")
     ap.add_argument("--verbosity", default="",
-                    help="Yate's -v option for the rows (default none: level 7)")
+                    help="Yate's -v option for the rows, e.g. --verbosity=-v (default: "
+                         "none, Yate's level 7)")
+    ap.add_argument("--sipgen-option", action="append", default=[], type=_option,
+                    metavar="SECTION.KEY=VALUE",
+                    help="set a sipgen.conf key for the sipgen rows (repeatable), e.g. "
+                         "general.max_in_progress=300")
     ap.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     ap.add_argument("--workdir", help="keep each row's files (configs, logs) here")
-    ap.add_argument("--sipp", default=shutil.which("sipp") or "sipp")
+    ap.add_argument("--sipp", default=shutil.which("sipp") or "sipp",
+                    help="the sipp binary (default: sipp on PATH)")
     args = ap.parse_args(argv)
     why = available()
     if why:
@@ -781,13 +830,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"note: recipe lines not in examples/regexroute-replaced.conf: {missing}",
               file=sys.stderr)
     rows = plan(args.setups, args.yate_workers, args.recipients, args.rates)
+    extra: dict[str, dict[str, str]] = {}
+    for sect, key, value in args.sipgen_option:
+        extra.setdefault(sect, {})[key] = value
     t0 = time.time()
     result = run_all(rows, args.duration, workdir=Path(args.workdir) if args.workdir else None,
-                     verbosity=args.verbosity, sipp=args.sipp, keep=bool(args.workdir))
+                     verbosity=args.verbosity, sipp=args.sipp, keep=bool(args.workdir),
+                     sipgen_extra=extra)
     print(table(result))
     if args.json:
         meta = {"started": t0, "argv": sys.argv, "yate_prefix": PREFIX,
-                "duration": args.duration, "verbosity": args.verbosity,
+                "duration": args.duration, "verbosity": args.verbosity, "sipgen_extra": extra,
                 "git_head": _git("rev-parse", "HEAD"),
                 "git_dirty": _git("status", "--porcelain", "--", "yate_sipgen", "scripts"),
                 "cpus": os.cpu_count()}

@@ -68,6 +68,11 @@ class UserGate:
     def locked(self, key: str) -> bool:
         return key in self._held
 
+    def queued(self, key: str) -> int:
+        """How many wait for ``key`` (not counting its holder)."""
+        q = self._held.get(key)
+        return len(q) if q else 0
+
     def enter(self, key: str) -> asyncio.Future[None] | None:
         if key not in self._held:
             self._held[key] = None
@@ -262,6 +267,8 @@ class Deliverer:
         self.retry_max = 3600.0
         self.lease = 90.0
         self.other_targets = "msg.execute"
+        #: Smoothed time one delivery takes (seconds): how long a queue behind a user lasts.
+        self.delivery_time = 0.05
 
     def configure(self, *, max_concurrent: int, delivery_timeout: float, retry_min: float,
                   retry_max: float, other_targets: str) -> None:
@@ -324,8 +331,12 @@ class Deliverer:
             await slots.wait(waiter)
         try:
             if target.callto[:4] == "sip/":
-                return _code_of(await self.engine.dispatch(self.xsip_message(out, target),
-                                                           timeout=self.delivery_timeout))
+                engine = self.engine
+                started = engine.now()
+                answer = await engine.dispatch(self.xsip_message(out, target),
+                                               timeout=self.delivery_timeout)
+                self.delivery_time += (engine.now() - started - self.delivery_time) * 0.2
+                return _code_of(answer)
             if self.other_targets == "reject":
                 return 404
             return await self._msg_execute(out, target)
@@ -382,11 +393,13 @@ class Deliverer:
     async def flush_user(self, user: str, targets: list[Target] | None,
                          route: Callable[[str], Awaitable[Route]] | None,
                          *, due_only: bool, stop_at: float | None = None,
-                         hold_lock: bool = True) -> bool:
+                         hold_lock: bool = True, up_to: float | None = None) -> bool:
         """Deliver ``user``'s stored messages in order; True when none is left.
 
         ``targets`` given (a fresh registration): send there. Otherwise ``route`` looks the
         user up. Stops at the first failure (the row gets its back-off), or at ``stop_at``.
+        ``up_to``: only rows received no later than that; True then means none of those is
+        left (newer rows may be).
         """
         if self.store is None:
             return True
@@ -395,26 +408,31 @@ class Deliverer:
             if waiter is not None:
                 await self.users.wait(user, waiter)
             try:
-                return await self._flush(user, targets, route, due_only, stop_at)
+                return await self._flush(user, targets, route, due_only, stop_at, up_to)
             finally:
                 self.users.leave(user)
-        return await self._flush(user, targets, route, due_only, stop_at)
+        return await self._flush(user, targets, route, due_only, stop_at, up_to)
 
     async def _flush(self, user: str, targets: list[Target] | None,
                      route: Callable[[str], Awaitable[Route]] | None, due_only: bool,
-                     stop_at: float | None) -> bool:
+                     stop_at: float | None, up_to: float | None = None) -> bool:
         store = self.store
         loop = asyncio.get_running_loop()
         while True:
             if stop_at is not None and loop.time() >= stop_at:
                 return False
             now = time.time()
-            rows = await store.claim(user, self.owner, now + self.lease, now, 20, due_only)
+            rows = await store.claim(user, self.owner, now + self.lease, now, 20, due_only,
+                                     up_to)
             if not rows:
                 left = await store.count(user)
                 if not left:
                     self.backlog.discard(user)
-                return left == 0
+                    return True
+                if up_to is not None:  # what is left is newer, or not claimable now
+                    older = [r for r in await store.list(user, 1) if r.received <= up_to]
+                    return not older
+                return False
             if targets is None:
                 r = await route(user) if route else Route([], 480, offline=True)
                 if not r.targets:

@@ -139,6 +139,8 @@ key(S, "route_offline_priority", "int", 150,
 ISCOMPOSING = "application/im-iscomposing+xml"
 #: _deliver_live: the message's stored copy was delivered with the user's backlog.
 SENT_FROM_STORE = -2
+#: _deliver_live: the queue for the recipient would outlast the answer deadline.
+SPILL = -3
 NEVER_AUTO_ANSWER = ("application/im-iscomposing+xml", "message/imdn+xml")
 #: Margin kept before the answer deadline to store the message and answer 202.
 STORE_RESERVE = 0.5
@@ -636,7 +638,15 @@ class MessageFeature:
             if route is None:
                 route = await self._lookup(msg, inb)
             if route.targets:
-                code = await self._deliver_live(out, route.targets, state)
+                code = await self._deliver_live(msg, out, route.targets, state, inb.media)
+                if code == SPILL:
+                    state.spilling = True  # the deadline watch must not store it twice
+                    if await self._store(out, inb.media):
+                        self.counters["spilled"] += 1
+                        return self._answer(msg, 202)
+                    # could not store it (limits): wait in the queue after all
+                    code = await self._deliver_live(msg, out, route.targets, state, inb.media,
+                                                    spill=False)
             else:
                 code = 0 if route.offline and route.code == 480 else route.code
         finally:
@@ -676,27 +686,59 @@ class MessageFeature:
             return 408
         return code
 
-    async def _deliver_live(self, out: Outgoing, targets: list[Target],
-                            state: "_LiveState") -> int:
-        """Send under the user's lock, after their stored backlog; -1: queued behind it."""
+    async def _deliver_live(self, msg: Message, out: Outgoing, targets: list[Target],
+                            state: "_LiveState", media: str, spill: bool = True) -> int:
+        """Send under the user's lock (RFC 3428 §8: one pending MESSAGE per recipient), after
+        the stored messages that were there before this one arrived.
+
+        Returns the SIP code, -1 (queued behind a backlog that could not be sent: store it),
+        or ``SPILL``: the queue for this recipient would outlast the answer deadline, so the
+        message is to be stored now and answered 202; it is then sent in order once the
+        messages ahead of it are through.
+        """
         d = self.deliverer
-        waiter = d.users.enter(out.user)
+        user = out.user
+        users = d.users
+        had_backlog = user in d.backlog  # stored before we came: those go first
+        if spill and users.locked(user) and not msg.answered and self._storable(out, media):
+            ahead = users.queued(user) + 1
+            budget = msg.deadline - STORE_RESERVE - self.engine.now()
+            if ahead >= self.MAX_QUEUE or (ahead + 1) * d.delivery_time > budget:
+                return SPILL
+        waiter = users.enter(user)
         if waiter is not None:
-            await d.users.wait(out.user, waiter)
+            await users.wait(user, waiter)
+        reached = False  # the recipient took a message just now
         try:
-            if out.user in d.backlog and self.store is not None:
+            if user in d.backlog and self.store is not None and (
+                    had_backlog or state.storing is not None):
                 if state.storing is not None:
                     await state.storing  # our own copy must be in the store, or not, for sure
-                ok = await d.flush_user(out.user, targets, None, due_only=False,
-                                        hold_lock=False)
+                ok = await d.flush_user(user, targets, None, due_only=False, hold_lock=False,
+                                        up_to=out.received)
                 if state.stored_id:
                     # stored at the deadline: that copy went (or not) with the backlog
+                    reached = ok
                     return SENT_FROM_STORE if ok else -1
                 if not ok:
                     return -1
-            return await d.send(out, targets)
+            code = await d.send(out, targets)
+            reached = 200 <= code < 300
+            return code
         finally:
-            d.users.leave(out.user)
+            users.leave(user)
+            if reached and user in d.backlog and not users.locked(user):
+                # the queue is through: what was stored meanwhile (spilled) goes now, in order
+                self.engine.spawn(d.flush_user(user, targets, None, due_only=False),
+                                  f"stored delivery to {user}")
+
+    def _storable(self, out: Outgoing, media: str) -> bool:
+        """Could ``out`` be stored at all (limits aside)?"""
+        return (self.store is not None and self.store.is_open and self.cfg["store"]
+                and media != ISCOMPOSING and not out.auto)
+
+    #: Messages waiting for one recipient before later ones are stored at once (202).
+    MAX_QUEUE = 200
 
     #: Stored-message retry runs at once (each starts with a call.route lookup).
     SCAN_PARALLEL = 20
@@ -725,7 +767,7 @@ class MessageFeature:
 
     def _deadline_reached(self, msg: Message, out: Outgoing, media: str,
                           state: "_LiveState") -> None:
-        if msg.answered:
+        if msg.answered or state.spilling:
             return
         state.storing = self.engine.spawn(self._store_at_deadline(msg, out, media, state),
                                           "deadline store")
@@ -1027,3 +1069,4 @@ class _LiveState:
 
     storing: "asyncio.Future[None] | None" = None
     stored_id: int = 0
+    spilling: bool = False  # being stored because the recipient's queue is too long
