@@ -29,7 +29,9 @@ def yate_snippets(cfg: config_mod.Config) -> str:
     methods: dict[str, str] = {}
     notes: list[str] = []
     sections: dict[str, list[str]] = {}
+    yate_general: list[str] = []
     for cls in feature_classes():
+        yate_general.extend(getattr(cls, "yate_general", lambda c: [])(cfg))
         methods.update(cls.sip_methods(cfg))
         notes.extend(cls.yate_notes(cfg))
         for name, lines in getattr(cls, "ysipchan_sections", lambda c: {})(cfg).items():
@@ -49,6 +51,8 @@ def yate_snippets(cfg: config_mod.Config) -> str:
             out += [f"path={c['address']}"]
         if not c["send_connect"]:
             out += ["role=global"]
+    if yate_general:
+        out += ["", "; --- yate.conf ---", "[general]"] + yate_general
     out += ["", "; --- ysipchan.conf ---", "[general]",
             "; xsip.generate is how we send SIP requests; read only when Yate starts",
             "generate=true",
