@@ -368,6 +368,7 @@ class Row:
     registered: int = 0
     script_restarted: bool = False
     loadavg_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    code: str = ""
     commands: dict[str, str] = field(default_factory=dict)
     error: str = ""
 
@@ -545,6 +546,7 @@ def run_row(setup: str, workers: str, recipients: int, rate: int, duration: floa
     workdir.mkdir(parents=True, exist_ok=True)
     row = Row(setup, workers, recipients, rate, duration)
     row.loadavg_before = os.getloadavg()
+    row.code = code_version()
     users = {str(FIRST_USER + i): f"pw{FIRST_USER + i}" for i in range(recipients)}
     y = LiveYate(workdir / "yate", **yate_overrides(setup, workers, users, sipgen_extra))
     uas: Optional[subprocess.Popen] = None
@@ -830,6 +832,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"note: recipe lines not in examples/regexroute-replaced.conf: {missing}",
               file=sys.stderr)
     rows = plan(args.setups, args.yate_workers, args.recipients, args.rates)
+    code_at_start = code_version()
     extra: dict[str, dict[str, str]] = {}
     for sect, key, value in args.sipgen_option:
         extra.setdefault(sect, {})[key] = value
@@ -841,12 +844,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         meta = {"started": t0, "argv": sys.argv, "yate_prefix": PREFIX,
                 "duration": args.duration, "verbosity": args.verbosity, "sipgen_extra": extra,
-                "git_head": _git("rev-parse", "HEAD"),
-                "git_dirty": _git("status", "--porcelain", "--", "yate_sipgen", "scripts"),
+                "code_at_start": code_at_start, "code_at_end": code_version(),
                 "cpus": os.cpu_count()}
         Path(args.json).write_text(json.dumps(
             {"meta": meta, "rows": [r.as_json() for r in result]}, indent=1))
     return 1 if any(r.error for r in result) else 0
+
+
+def code_version() -> str:
+    """The checkout's HEAD, with ``+dirty`` when yate_sipgen/ or scripts/ have changes: the
+    code a row ran (the script is started from the work tree when the row starts)."""
+    head = _git("rev-parse", "--short", "HEAD")
+    return head + ("+dirty" if _git("status", "--porcelain", "--", "yate_sipgen", "scripts")
+                   else "")
 
 
 def _git(*args: str) -> str:
