@@ -665,9 +665,9 @@ class MessageFeature:
                     if await self._store(out, inb.media):
                         self.counters["spilled"] += 1
                         return self._answer(msg, 202)
-                    # could not store it (limits): wait in the queue after all
-                    code = await self._deliver_live(msg, out, route.targets, state, inb.media,
-                                                    spill=False)
+                    # cannot be stored (limits) and the queue would outlast the deadline:
+                    # the truth now (recipient unavailable) rather than a late answer
+                    return self._answer(msg, 480)
             else:
                 code = 0 if route.offline and route.code == 480 else route.code
         finally:
