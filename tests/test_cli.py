@@ -190,3 +190,19 @@ def test_script_check_bad_file_fails(tmp_path: Path) -> None:
     r = run([str(SCRIPT), "--check", str(conf)], cwd="/tmp")
     assert r.returncode != 0
     assert f"{conf}:2" in r.stderr and "restart" in r.stderr
+
+
+def test_check_prints_yate_engine_settings_a_delivery_needs() -> None:
+    """Workers (each xsip.generate wait=true holds one) and idlemsec (Yate's polling
+    interval, waited on three times per delivery), in a yate.conf [general] part that
+    matches examples/yate.conf."""
+    r = check_module("examples/sipgen.conf")
+    assert r.returncode == 0, r.stderr
+    part = r.stdout.split("; --- yate.conf ---", 1)[1].split("; ---", 1)[0]
+    settings = {ln.partition("=")[0]: ln.partition("=")[2] for ln in part.splitlines()
+                if "=" in ln and not ln.startswith(";")}
+    assert settings["idlemsec"] == "1"
+    assert int(settings["maxworkers"]) >= 200 and int(settings["minworkers"]) >= 20
+    example = (EXAMPLE.parent / "yate.conf").read_text()
+    for k, v in settings.items():
+        assert f"\n{k}={v}\n" in example, f"examples/yate.conf lacks {k}={v}"

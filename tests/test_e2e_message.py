@@ -986,7 +986,7 @@ def test_routing_registrations_forgets_a_contact_on_user_unregister(tmp_path: Pa
 
 def test_routing_yate_always_asks_yate_even_after_a_registration(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with started(tmp_path) as y:
+        async with started(tmp_path, {"routing": "yate"}) as y:
             await y.register("bob", "example.com", BOB_URI)
             r = await y.message()
             assert r.get("code") == "200"

@@ -26,7 +26,9 @@ Setups:
     yate-sipgen in set-up (A) (``scripts/yate-sipgen`` from this checkout, as it is when the row
     starts) with ``[message] auth=optional``, ``domains=127.0.0.1`` and the per-sender rate
     limit opened (``sender_rate=sender_burst=100000``); everything else at its defaults
-    (``mode=relay``: the sender's answer waits for the delivery's outcome).
+    (``mode=relay``: the sender's answer waits for the delivery's outcome;
+    ``routing=registrations``: registered users are sent to without a ``call.route``; pass
+    ``--sipgen-option message.routing=yate`` for Yate's routing on every MESSAGE).
 
 Both: ysipchan ``[methods] message=no`` (MESSAGE handed over as ``sip.message`` without a
 digest challenge: the senders are unauthenticated), ``[message] enable=no``,
@@ -40,6 +42,10 @@ Yate worker settings (yate.conf ``[general]``, read in engine/Engine.cpp):
     them came back to the queue in the last second.
 ``tuned``
     ``minworkers=20``, ``maxworkers=200``.
+``fast``
+    ``tuned`` plus ``idlemsec=1`` (what ``--check`` prints and examples/yate.conf sets):
+    Yate's polling interval, 5 ms by default, which a waiting ``xsip.generate``, the SIP
+    endpoint's event loop and a thread waiting to write to a script all sleep for.
 
 Figures of a row (see :class:`Row` for the exact meaning of each).
 
@@ -47,7 +53,7 @@ Run it (needs ``YATE_PREFIX`` and ``sipp`` on ``PATH``)::
 
     YATE_PREFIX=/work/yate/prefix .venv/bin/python tests/live/loadrun.py \\
         --rates 100,250,500 --duration 10 --recipients 50,1 [--json FILE] \\
-        [--setups recipe,sipgen] [--yate-workers default|tuned|default,tuned] \\
+        [--setups recipe,sipgen] [--yate-workers default|tuned|fast|default,fast] \\
         [--sipgen-option general.max_in_progress=200 ...] [--workdir DIR]
 
 Figures depend on the machine and on whatever else runs on it: read them side by side within
@@ -88,6 +94,9 @@ SETUPS = ("recipe", "sipgen")
 WORKERS: dict[str, dict[str, str]] = {
     "default": {},
     "tuned": {"minworkers": "20", "maxworkers": "200"},
+    # and Yate's polling interval at its minimum (Thread::idleMsec, default 5 ms): a waiting
+    # xsip.generate, the SIP endpoint's event loop and extmodule all poll at this interval
+    "fast": {"minworkers": "20", "maxworkers": "200", "idlemsec": "1"},
 }
 
 #: Yate's regexroute MESSAGE recipe: the rule lines of examples/regexroute-replaced.conf,

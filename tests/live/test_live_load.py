@@ -1,8 +1,8 @@
 """Live load run: Yate's regexroute MESSAGE recipe against yate-sipgen, side by side.
 
 The full table of :mod:`loadrun` (100, 250 and 500 MESSAGE/s for 10 s each, to 50 recipients
-and to one, both setups at Yate's default worker settings, plus yate-sipgen with tuned workers
-to 50 recipients), printed at the end of the session. It takes several minutes, so it runs only
+and to one, both setups at Yate's default engine settings and at the ones ``--check`` prints
+(``fast``: workers and ``idlemsec=1``)), printed at the end of the session. It takes several minutes, so it runs only
 when asked for::
 
     YATE_PREFIX=/work/yate/prefix SIPGEN_LIVE_LOAD=1 .venv/bin/python -m pytest \\
@@ -32,10 +32,9 @@ DURATION = float(os.environ.get("SIPGEN_LIVE_LOAD_DURATION", "10"))
 RATES = (100, 250, 500)
 RECIPIENTS = (50, 1)
 
-#: (setup, workers, recipients, rate): the full table at Yate's defaults, plus yate-sipgen with
-#: tuned workers to 50 recipients.
-ROWS = (loadrun.plan(loadrun.SETUPS, ["default"], RECIPIENTS, RATES)
-        + loadrun.plan(["sipgen"], ["tuned"], [50], RATES))
+#: (setup, workers, recipients, rate): the full table at Yate's defaults and with the yate.conf
+#: settings ``--check`` prints (examples/yate.conf).
+ROWS = loadrun.plan(loadrun.SETUPS, ["default", "fast"], RECIPIENTS, RATES)
 
 
 def _why_not() -> str:
