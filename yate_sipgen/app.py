@@ -83,6 +83,7 @@ class App:
         self.lifecycle: Lifecycle | None = None
         self._stop: asyncio.Future[int] | None = None
         self._debuglevel = 5
+        self.runid = ""  # Yate's engine.runid, once it answered
         self._setup_logging()
         for f in self.features:
             f.setup(self)
@@ -162,6 +163,8 @@ class App:
                 self._debuglevel = lvl
                 self.console.debug_level = lvl
                 logbridge.root_logger().setLevel(logbridge.python_level(lvl))
+            elif ev.name == "engine.runid":
+                self.runid = ev.value
             elif not ev.success:
                 log.warning("Yate refused setlocal %s=%s", ev.name, ev.value)
         elif t in (p.InstallReplied, p.WatchReplied) and not ev.success:
@@ -227,6 +230,7 @@ class App:
         if self.mode == "pipe":
             out.append(("restart", bool(g["restart"]) and not self.config_error))
         out.append(("debuglevel", ""))  # an empty value queries the current level
+        out.append(("engine.runid", ""))  # this Yate run (TCP connection ids are only good in it)
         return out
 
     def stop(self, code: int = 0) -> None:

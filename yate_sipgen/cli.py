@@ -32,8 +32,8 @@ def yate_snippets(cfg: config_mod.Config) -> str:
     yate_general: list[str] = []
     for cls in feature_classes():
         yate_general.extend(getattr(cls, "yate_general", lambda c: [])(cfg))
-        methods.update(cls.sip_methods(cfg))
-        notes.extend(cls.yate_notes(cfg))
+        methods.update(getattr(cls, "sip_methods", lambda c: {})(cfg))
+        notes.extend(getattr(cls, "yate_notes", lambda c: [])(cfg))
         for name, lines in getattr(cls, "ysipchan_sections", lambda c: {})(cfg).items():
             sections.setdefault(name, []).extend(lines)
     conf = os.path.abspath(cfg.path) if cfg.path else ""
@@ -57,7 +57,7 @@ def yate_snippets(cfg: config_mod.Config) -> str:
             "; xsip.generate is how we send SIP requests; read only when Yate starts",
             "generate=true",
             "; one Yate thread per request, so a slow answer stalls nothing",
-            "async_generic=true"]
+            "async_generic=true"] + sections.pop("general", [])
     for name, lines in sections.items():
         out += ["", f"[{name}]"] + lines
     if methods:

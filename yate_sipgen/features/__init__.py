@@ -11,9 +11,17 @@ from typing import Any
 
 
 def feature_classes() -> list[type]:
-    from .message import MessageFeature
+    # imported in this order: it is the order of the sections in sipgen.conf
+    from .message import MessageFeature  # noqa: I001
+    from .events import EventsFeature
+    from .presence import PresenceFeature
+    from .dialog import DialogFeature
+    from .mwi import MessageSummaryFeature
+    from .generic import GenericFeature
 
-    return [MessageFeature]
+    # the events core first: the packages register with it in their setup()
+    return [MessageFeature, EventsFeature, PresenceFeature, DialogFeature, MessageSummaryFeature,
+            GenericFeature]
 
 
 def all_features() -> list[Any]:

@@ -1,0 +1,102 @@
+"""What an event package is to the subscription core: a name, its body types, its limits, who
+may watch whom, and how its document for one resource is rendered.
+
+A package module (``features/presence.py``, ``features/dialog.py``, ...) subclasses
+:class:`EventPackage`, calls :meth:`EventsCore.changed` when its state changes, and renders in
+:meth:`body`. The core does the rest: the RFC 6665 dialog, Expires, Accept, persistence,
+expiry, the NOTIFY queue.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from .subscription import ACTIVE, PENDING, Subscription
+
+#: Who may subscribe to a resource (``[<package>] watchers``).
+WATCH_POLICIES = ("self", "domain", "authenticated", "any", "approve")
+
+
+class EventPackage:
+    """Base of every package. Class attributes describe it; override :meth:`body`."""
+
+    event: str = ""
+    #: Body types we can send, preferred first (Accept is matched against these).
+    content_types: tuple[str, ...] = ()
+    #: Config section of the package (enable, expires, watchers, ...).
+    section: str = ""
+    #: dialog-info numbers its documents per subscription (RFC 4235 ``version``).
+    numbered: bool = False
+
+    def __init__(self) -> None:
+        self.core: Any = None
+        self.cfg: dict[str, Any] = {}
+        self.enabled = True
+
+    # -- configuration ------------------------------------------------------------------
+    def configure(self, section: dict[str, Any]) -> None:
+        self.cfg = section
+        self.enabled = bool(section.get("enable", True))
+
+    @property
+    def default_expires(self) -> int:
+        return int(self.cfg.get("expires", 3600))
+
+    @property
+    def interval(self) -> float:
+        """Least seconds between two state-change NOTIFYs of one subscription."""
+        return float(self.cfg.get("min_interval", 0.0))
+
+    # -- authorization --------------------------------------------------------------------
+    def may_watch(self, watcher: str, resource: str, authenticated: bool) -> str | int:
+        """``active``, ``pending`` (needs approval) or the SIP code to refuse with.
+
+        ``watcher`` and ``resource`` are ``user@domain`` keys (domains already mapped to
+        their main name). ``deny`` wins over ``allow``; both take ``fnmatch`` patterns.
+        """
+        if watcher == resource:
+            return ACTIVE  # everyone may watch themselves
+        for pat in self.cfg.get("deny", ()):
+            if fnmatch.fnmatchcase(watcher, pat):
+                return 403
+        for pat in self.cfg.get("allow", ()):
+            if fnmatch.fnmatchcase(watcher, pat):
+                return ACTIVE
+        policy = self.cfg.get("watchers", "domain")
+        if policy == "any":
+            return ACTIVE
+        if policy == "self":
+            return 403
+        if not authenticated and self.core is not None and self.core.auth_required:
+            return 403
+        if policy == "authenticated":
+            return ACTIVE if authenticated else 403
+        if policy == "approve":
+            decision = self.core.approval(self.event, watcher, resource) if self.core else ""
+            return ACTIVE if decision == "allow" else 403 if decision == "deny" else PENDING
+        # domain: a watcher of the resource's own domain
+        return ACTIVE if watcher.rpartition("@")[2] == resource.rpartition("@")[2] else 403
+
+    # -- state ----------------------------------------------------------------------------
+    def body(self, sub: Subscription, version: int) -> str:
+        """The document for ``sub``'s resource now (``version``: for numbered packages)."""
+        raise NotImplementedError
+
+    def map_resource(self, user: str, host: str, watcher: str) -> str | None:
+        """The resource a SUBSCRIBE to ``user@host`` by ``watcher`` is for, when it is not
+        simply that user (e.g. a voicemail number means the watcher's own mailbox)."""
+        return None
+
+    async def prepare(self, sub: Subscription) -> None:
+        """Gather what :meth:`body` needs and cannot get without waiting (before each
+        NOTIFY)."""
+
+    def on_subscribed(self, sub: Subscription) -> None:
+        """A subscription began (or came back after a restart)."""
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    def start(self) -> None:
+        """Called once the event store is open (package state can be read then)."""

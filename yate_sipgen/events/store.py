@@ -1,0 +1,164 @@
+"""Subscriptions, publications and package state in SQLite (``events.db`` in ``state_dir``).
+
+A row is committed (WAL, ``synchronous=FULL``) before the SUBSCRIBE or PUBLISH it records is
+answered, so a 200 or an ETag we gave out survives a crash of the script or of Yate. The shape
+is meant for several Yate nodes sharing one database later: ETags and subscription ids are
+random, each subscription records its ``owner`` (the process serving it), CSeq and document
+versions are reserved in blocks (``cseq_mark``/``version_mark``: a restart continues above the
+mark), and expiry is an ``expires_at`` column anyone can sweep.
+
+Run it through :class:`yate_sipgen.store.AsyncStore` (one thread; the event loop never waits on
+SQLite).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import astuple, dataclass, fields
+
+from .subscription import Subscription
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id TEXT PRIMARY KEY, package TEXT NOT NULL, event_id TEXT NOT NULL, resource TEXT NOT NULL,
+    resource_uri TEXT NOT NULL, subscriber TEXT NOT NULL, call_id TEXT NOT NULL,
+    local_tag TEXT NOT NULL, remote_tag TEXT NOT NULL, local_uri TEXT NOT NULL,
+    remote TEXT NOT NULL, target TEXT NOT NULL, route TEXT NOT NULL, host TEXT NOT NULL,
+    port TEXT NOT NULL, transport TEXT NOT NULL, connection_id TEXT NOT NULL,
+    content_type TEXT NOT NULL, state TEXT NOT NULL, expires_at REAL NOT NULL,
+    cseq INTEGER NOT NULL, cseq_mark INTEGER NOT NULL, version INTEGER NOT NULL,
+    version_mark INTEGER NOT NULL, authenticated INTEGER NOT NULL, owner TEXT NOT NULL,
+    created REAL NOT NULL, reason TEXT NOT NULL, runid TEXT NOT NULL, contact TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS subscriptions_expiry ON subscriptions (expires_at);
+CREATE TABLE IF NOT EXISTS publications (
+    etag TEXT PRIMARY KEY, package TEXT NOT NULL, resource TEXT NOT NULL,
+    content_type TEXT NOT NULL, body TEXT NOT NULL, expires_at REAL NOT NULL,
+    published REAL NOT NULL, owner TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS publications_resource ON publications (package, resource);
+CREATE TABLE IF NOT EXISTS package_state (
+    package TEXT NOT NULL, resource TEXT NOT NULL, value TEXT NOT NULL,
+    PRIMARY KEY (package, resource)
+);
+"""
+
+_SUB_COLS = tuple(f.name for f in fields(Subscription))
+
+
+@dataclass(slots=True)
+class Publication:
+    """One PUBLISHed event state (RFC 3903), known by its entity tag."""
+
+    etag: str
+    package: str
+    resource: str
+    content_type: str
+    body: str
+    expires_at: float
+    published: float
+    owner: str = ""
+
+
+_PUB_COLS = tuple(f.name for f in fields(Publication))
+
+
+class EventStore:
+    """Synchronous; one instance per thread (see :class:`~yate_sipgen.store.AsyncStore`)."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- subscriptions -------------------------------------------------------------------
+    def save_subscription(self, sub: Subscription) -> None:
+        cols = ",".join(_SUB_COLS)
+        marks = ",".join("?" * len(_SUB_COLS))
+        self.db.execute(f"INSERT OR REPLACE INTO subscriptions ({cols}) VALUES ({marks})",
+                        astuple(sub))
+
+    def save_marks(self, marks: list[tuple[int, int, str]]) -> None:
+        """``(cseq_mark, version_mark, id)`` of subscriptions whose reservation grew."""
+        if not marks:
+            return
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("UPDATE subscriptions SET cseq_mark=?, version_mark=? WHERE id=?",
+                                marks)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def delete_subscription(self, sid: str) -> None:
+        self.db.execute("DELETE FROM subscriptions WHERE id=?", (sid,))
+
+    def delete_subscriptions(self, ids: list[str]) -> None:
+        if not ids:
+            return
+        self.db.execute("BEGIN")
+        try:
+            self.db.executemany("DELETE FROM subscriptions WHERE id=?", [(i,) for i in ids])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def load_subscriptions(self) -> list[Subscription]:
+        rows = self.db.execute(f"SELECT {','.join(_SUB_COLS)} FROM subscriptions").fetchall()
+        out = []
+        for r in rows:
+            sub = Subscription(*r)
+            sub.authenticated = bool(sub.authenticated)
+            # continue above what was reserved: numbers handed out after the last save of
+            # the mark are never handed out twice
+            sub.cseq = sub.cseq_mark
+            sub.version = sub.version_mark
+            out.append(sub)
+        return out
+
+    # -- publications --------------------------------------------------------------------
+    def save_publication(self, pub: Publication, replaces: str = "") -> None:
+        """Insert ``pub``; ``replaces``: the ETag it supersedes (one transaction)."""
+        self.db.execute("BEGIN")
+        try:
+            if replaces:
+                self.db.execute("DELETE FROM publications WHERE etag=?", (replaces,))
+            cols = ",".join(_PUB_COLS)
+            self.db.execute(f"INSERT OR REPLACE INTO publications ({cols}) VALUES "
+                            f"({','.join('?' * len(_PUB_COLS))})", astuple(pub))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def delete_publication(self, etag: str) -> None:
+        self.db.execute("DELETE FROM publications WHERE etag=?", (etag,))
+
+    def load_publications(self) -> list[Publication]:
+        rows = self.db.execute(f"SELECT {','.join(_PUB_COLS)} FROM publications "
+                               "ORDER BY published").fetchall()
+        return [Publication(*r) for r in rows]
+
+    # -- package state (MWI counts, dialog state) -----------------------------------------
+    def set_state(self, package: str, resource: str, value: str) -> None:
+        if value:
+            self.db.execute("INSERT OR REPLACE INTO package_state VALUES (?,?,?)",
+                            (package, resource, value))
+        else:
+            self.db.execute("DELETE FROM package_state WHERE package=? AND resource=?",
+                            (package, resource))
+
+    def load_state(self, package: str) -> dict[str, str]:
+        return dict(self.db.execute("SELECT resource, value FROM package_state WHERE package=?",
+                                    (package,)).fetchall())
