@@ -196,7 +196,7 @@ def test_notify_answered_481_removes_the_subscription_and_503_keeps_it(tmp_path:
 
 def test_publish_gets_an_etag_and_the_watcher_the_document_byte_for_byte(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with started(tmp_path) as y:
+        async with started(tmp_path, {"presence": {"min_interval": "0"}}) as y:
             await y.subscribe()
             await y.wait_notifies(1)
             r = await y.publish()
@@ -216,10 +216,30 @@ def test_publish_gets_an_etag_and_the_watcher_the_document_byte_for_byte(tmp_pat
             r4 = await y.publish(xsip_body=None, xsip_type=None, sip_content__type=None,
                                  sip_expires="0", sip_sip__if__match=r2.get("osip_SIP-ETag"))
             assert r4.get("code") == "200"
-            ns = await y.wait_notifies(3, timeout=8)  # presence is paced: 5 s
+            ns = await y.wait_notifies(3)
             assert _basic(ns[2].get("xsip_body")) == ["closed"]
 
     run(scenario, timeout=30)
+
+
+def test_presence_state_changes_are_paced_per_subscriber(tmp_path: Path) -> None:
+    """RFC 3856 §6.6 (here min_interval=1 s instead of 5): a burst of PUBLISHes right after
+    the first NOTIFY gives one more NOTIFY, a pacing interval later, with the latest state."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"presence": {"min_interval": "1"}}) as y:
+            await y.subscribe()
+            await y.wait_notifies(1)
+            first = time.monotonic()
+            etag = (await y.publish()).get("osip_SIP-ETag")
+            closed_doc = PIDF_OPEN.replace("open", "closed")
+            await y.publish(sip_sip__if__match=etag, xsip_body=closed_doc)
+            ns = await y.wait_notifies(2)
+            assert time.monotonic() - first >= 0.9
+            assert ns[1].get("xsip_body") == closed_doc  # coalesced to the latest
+            await asyncio.sleep(0.3)
+            assert len(y.notifies()) == 2
+
+    run(scenario)
 
 
 def test_publish_refusals(tmp_path: Path) -> None:

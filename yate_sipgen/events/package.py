@@ -98,5 +98,6 @@ class EventPackage:
     def status(self) -> dict[str, Any]:
         return {}
 
-    def start(self) -> None:
-        """Called once the event store is open (package state can be read then)."""
+    async def start(self) -> None:
+        """Read the package's state back from the store (called once it is open, before the
+        subscriptions are restored)."""

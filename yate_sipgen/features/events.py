@@ -134,6 +134,7 @@ class EventsFeature:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._approvals: dict[tuple[str, str, str], str] = {}
         self.started = False
+        self.ready = False  # the store is read and every package has its state back
         self._texts: dict[str, int] = {}
 
     # -- registration of packages (called by their features' setup) ---------------------------
@@ -258,8 +259,12 @@ class EventsFeature:
             self._approvals[(ev, watcher, resource)] = v
         for pkg in self.packages.values():
             if pkg.enabled:
-                pkg.start()
+                try:
+                    await pkg.start()
+                except Exception:  # noqa: BLE001 - one package's state must not stop the rest
+                    log.exception("restoring the state of %s failed", pkg.event)
         self._restore(found.get("subs", []))
+        self.ready = True
 
     def _restore(self, subs: list[Subscription]) -> None:
         now = time.time()
@@ -663,6 +668,8 @@ class EventsFeature:
 
     # -- console -------------------------------------------------------------------------------
     def cmd_subscriptions(self, args: list[str]) -> str:
+        if not self.ready:
+            return "The event store is still opening; try again in a moment\r\n"
         who = args[0].lower() if args else ""
         now = time.time()
         rows = [s for s in self.table

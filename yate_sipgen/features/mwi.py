@@ -92,6 +92,16 @@ class MessageSummaryPackage(EventPackage):
     def status(self) -> dict[str, Any]:
         return {"mailboxes": len(self.counts)}
 
+    async def start(self) -> None:
+        store = self.core.store if self.core is not None else None
+        if store is None:
+            return
+        for res, value in (await store.load_state(self.event)).items():
+            try:
+                self.counts[res] = ms.parse(value)
+            except Exception:  # noqa: BLE001 - a damaged row: forget it, say so
+                log.warning("ignoring unreadable stored counts of %s", res)
+
 
 class MessageSummaryFeature:
     name = "message-summary"
@@ -127,13 +137,7 @@ class MessageSummaryFeature:
         return {}
 
     async def start(self) -> None:
-        if not self.package.enabled or self.core.store is None:
-            return
-        for res, value in (await self.core.store.load_state(self.package.event)).items():
-            try:
-                self.package.counts[res] = ms.parse(value)
-            except Exception:  # noqa: BLE001 - a damaged row: forget it, say so
-                log.warning("ignoring unreadable stored counts of %s", res)
+        pass  # the package's start runs inside the core's, once the store is open
 
     async def close(self) -> None:
         pass

@@ -67,6 +67,7 @@ class PresencePackage(EventPackage):
         self.pubs = PublicationTable()
         self._cache: dict[str, str] = {}  # resource -> rendered document (until it changes)
         self.registered: dict[str, float] = {}  # user@domain -> registration expiry
+        self.feature: Any = None  # the PresenceFeature serving PUBLISH (its expiry timer)
 
     def body(self, sub: Subscription, version: int) -> str:
         doc = self._cache.get(sub.resource)
@@ -91,6 +92,19 @@ class PresencePackage(EventPackage):
     def status(self) -> dict[str, Any]:
         return {"publications": len(self.pubs)}
 
+    async def start(self) -> None:
+        store = self.core.store if self.core is not None else None
+        if store is None:
+            return
+        now = time.time()
+        for pub in await store.load_publications():
+            if pub.package == self.event and pub.expires_at > now:
+                self.pubs.add(pub)
+            else:
+                await store.delete_publication(pub.etag)
+        if self.feature is not None:
+            self.feature._arm()
+
 
 class PresenceFeature:
     """Registers the presence package with the core and serves PUBLISH."""
@@ -99,6 +113,7 @@ class PresenceFeature:
 
     def __init__(self) -> None:
         self.package = PresencePackage()
+        self.package.feature = self
         self.core: Any = None
         self.engine: Any = None
         self.counters: Any = None
@@ -149,16 +164,7 @@ class PresenceFeature:
         return {}
 
     async def start(self) -> None:
-        if not self.package.enabled or self.core is None or self.core.store is None:
-            return
-        # the core opens the store in its own start(), which runs before ours
-        now = time.time()
-        for pub in await self.core.store.load_publications():
-            if pub.package == self.package.event and pub.expires_at > now:
-                self.package.pubs.add(pub)
-            else:
-                await self.core.store.delete_publication(pub.etag)
-        self._arm()
+        pass  # the package's start (below) runs inside the core's, once the store is open
 
     async def close(self) -> None:
         for t in (self._timer, self._reg_timer):
