@@ -76,7 +76,7 @@ def _sub(i: int, expires_at: float, resource: str = "bob@example.com",
          package: str = "presence") -> Subscription:
     return Subscription(id=f"s{i}", package=package, event_id="", resource=resource,
                         resource_uri=f"sip:{resource}", subscriber=f"w{i}@example.com",
-                        call_id=f"c{i}", local_tag=f"l{i}", remote_tag=f"r{i}",
+                        call_id=f"c{i}", local_tag=f"l{i}",
                         local_uri=f"<sip:{resource}>", remote=f"<sip:w{i}@example.com>;tag=r{i}",
                         target=f"sip:w{i}@192.0.2.1:5060", expires_at=expires_at)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from sys import intern
 from dataclasses import astuple, dataclass, fields
 
 from .subscription import Subscription
@@ -23,13 +24,13 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscriptions (
     id TEXT PRIMARY KEY, package TEXT NOT NULL, event_id TEXT NOT NULL, resource TEXT NOT NULL,
     resource_uri TEXT NOT NULL, subscriber TEXT NOT NULL, call_id TEXT NOT NULL,
-    local_tag TEXT NOT NULL, remote_tag TEXT NOT NULL, local_uri TEXT NOT NULL,
+    local_tag TEXT NOT NULL, local_uri TEXT NOT NULL,
     remote TEXT NOT NULL, target TEXT NOT NULL, route TEXT NOT NULL, host TEXT NOT NULL,
     port TEXT NOT NULL, transport TEXT NOT NULL, connection_id TEXT NOT NULL,
     content_type TEXT NOT NULL, state TEXT NOT NULL, expires_at REAL NOT NULL,
     cseq INTEGER NOT NULL, cseq_mark INTEGER NOT NULL, version INTEGER NOT NULL,
     version_mark INTEGER NOT NULL, authenticated INTEGER NOT NULL, owner TEXT NOT NULL,
-    created REAL NOT NULL, reason TEXT NOT NULL, runid TEXT NOT NULL, contact TEXT NOT NULL
+    reason TEXT NOT NULL, runid TEXT NOT NULL, contact TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS subscriptions_expiry ON subscriptions (expires_at);
 CREATE TABLE IF NOT EXISTS publications (
@@ -45,6 +46,10 @@ CREATE TABLE IF NOT EXISTS package_state (
 """
 
 _SUB_COLS = tuple(f.name for f in fields(Subscription))
+#: Columns whose values repeat across subscriptions (the watched resource, our own URIs).
+_SHARED = frozenset(i for i, name in enumerate(_SUB_COLS) if name in (
+    "package", "resource", "resource_uri", "local_uri", "host", "port", "transport",
+    "connection_id", "content_type", "state", "owner", "runid", "contact", "reason"))
 
 
 @dataclass(slots=True)
@@ -115,10 +120,14 @@ class EventStore:
             raise
 
     def load_subscriptions(self) -> list[Subscription]:
-        rows = self.db.execute(f"SELECT {','.join(_SUB_COLS)} FROM subscriptions").fetchall()
         out = []
-        for r in rows:
-            sub = Subscription(*r)
+        # row by row (no list of every row at once) and with the values many subscriptions
+        # share interned: 100,000 subscriptions must fit in little memory
+        cur = self.db.execute(f"SELECT {','.join(_SUB_COLS)} FROM subscriptions")
+        shared = _SHARED
+        for r in cur:
+            sub = Subscription(*[intern(v) if i in shared and type(v) is str else v
+                                 for i, v in enumerate(r)])
             sub.authenticated = bool(sub.authenticated)
             # continue above what was reserved: numbers handed out after the last save of
             # the mark are never handed out twice

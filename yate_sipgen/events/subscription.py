@@ -128,7 +128,7 @@ class Subscription:
     """One subscription; everything a NOTIFY needs, and nothing from the SUBSCRIBE beyond that.
 
     ``local_uri`` is the NOTIFY's From without our tag (the SUBSCRIBE's To); ``remote`` its To
-    (the SUBSCRIBE's From, with the subscriber's tag); ``target`` the Request-URI (the
+    (the SUBSCRIBE's From, with the subscriber's tag: it is kept only there); ``target`` the Request-URI (the
     subscriber's Contact); ``route`` the Route set (the SUBSCRIBE's Record-Route, in order).
     ``host``/``port`` is the next hop, chosen when the SUBSCRIBE came (first Route hop, or the
     SUBSCRIBE's source for UDP). ``cseq`` is the last CSeq used; ``cseq_mark`` (and
@@ -144,7 +144,6 @@ class Subscription:
     subscriber: str  # user@domain watching
     call_id: str
     local_tag: str
-    remote_tag: str
     local_uri: str
     remote: str
     target: str
@@ -162,7 +161,6 @@ class Subscription:
     version_mark: int = 0
     authenticated: bool = False
     owner: str = ""
-    created: float = 0.0
     reason: str = ""  # why it ended (terminated NOTIFY's ;reason=)
     runid: str = ""  # Yate's engine.runid when it came (a TCP connection_id is only good then)
     contact: str = ""  # our Contact header (the 200's and every NOTIFY's)
