@@ -405,3 +405,68 @@ def test_notify_storm_against_dead_contacts_leaves_messages_alone(tmp_path: Path
             release.set()
 
     run(scenario, timeout=30)
+
+
+# -- approvals --------------------------------------------------------------------------------
+
+def test_pending_watcher_gets_pending_notify_until_approved_then_active(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"presence": {"watchers": "approve"}}) as y:
+            r = await y.subscribe()
+            assert r.get("code") == "200"
+            (n,) = await y.wait_notifies(1)
+            assert n.get("sip_Subscription-State").startswith("pending;expires=")
+            assert n.get("xsip_body") in (None, "")  # nothing is shown while pending
+            out = await y.command("sipgen approve alice@example.com bob@example.com presence")
+            assert "1 subscription(s) changed" in out
+            ns = await y.wait_notifies(2)
+            assert ns[1].get("sip_Subscription-State").startswith("active;expires=")
+            assert _basic(ns[1].get("xsip_body")) == ["closed"]
+            await y.command("sipgen deny alice@example.com bob@example.com presence")
+            ns = await y.wait_notifies(3)
+            assert ns[2].get("sip_Subscription-State") == "terminated;reason=rejected"
+            # the decision is kept: a new SUBSCRIBE of alice is refused now
+            r = await y.subscribe(sip_callid="again@x", xsip_dlgtag="5")
+            assert r.get("code") == "403"
+
+    run(scenario)
+
+
+# -- other generic methods ----------------------------------------------------------------
+
+def test_generic_methods_relay_fixed_codes_and_the_notify_rules(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        sections = {"generic": {"methods": "notify:relay, info:488"}}
+        async with started(tmp_path, sections) as y:
+            await y.fy.wait_installed("sip.notify")
+            await y.fy.wait_installed("sip.info")
+            await y.register("bob", "example.com", "sip:bob@192.0.2.20:5062")
+            base = [(k, v) for k, v in (
+                ("called", "bob"), ("caller", "alice"), ("username", "alice"),
+                ("antiloop", "19"), ("ip_host", "192.0.2.7"), ("ip_port", "5080"),
+                ("ip_transport", "UDP"), ("sip_uri", "sip:bob@example.com"),
+                ("sip_callid", "n1@x"), ("sip_from", "<sip:alice@example.com>;tag=a1"),
+                ("sip_to", "<sip:bob@example.com>"), ("sip_event", "x-custom"),
+                ("xsip_type", "text/plain"), ("xsip_body", "ping"))]
+            r = await y.fy.dispatch("sip.notify", base)
+            assert r.get("code") == "200"
+            (sent,) = [m for m in y.xsip_seen if m.get("method") == "NOTIFY"]
+            assert sent.get("uri") == "sip:bob@192.0.2.20:5062"
+            assert sent.get("sip_Event") == "x-custom" and sent.get("xsip_body") == "ping"
+            y.xsip = lambda m: 486
+            assert (await y.fy.dispatch("sip.notify", base)).get("code") == "486"
+            assert (await y.fy.dispatch("sip.info", base)).get("code") == "488"
+            in_dialog_base = [(k, v + ";tag=t9" if k == "sip_to" else v) for k, v in base]
+            assert (await y.fy.dispatch("sip.notify", in_dialog_base)).get("code") == "481"
+            refer = [(k, "refer;id=3" if k == "sip_event" else v) for k, v in in_dialog_base]
+            r = await y.fy.dispatch("sip.notify", refer + [("id", "sip/7")])
+            assert r.get("code") == "200"
+            sync = [(k, "check-sync" if k == "sip_event" else v) for k, v in base
+                    if k != "username"]
+            assert (await y.fy.dispatch("sip.notify", sync)).get("code") == "403"
+            unknown = [(k, "sip:nobody@example.com" if k == "sip_uri" else v) for k, v in base]
+            y.xsip = lambda m: 200
+            assert (await y.fy.dispatch("sip.notify", unknown)).get("code") in ("404", "480")
+            assert_clean(y)
+
+    run(scenario)
