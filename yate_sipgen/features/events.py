@@ -38,6 +38,7 @@ from ..message import Message
 from ..sip import (HeaderValueError, format_name_addr, header_safe, parse_name_addr,
                    parse_uri)
 from ..store import AsyncStore, new_owner
+from .domains import Domains
 
 log = logging.getLogger("yate_sipgen.events")
 
@@ -148,6 +149,7 @@ class EventsFeature:
         self.started = False
         self.ready = False  # the store is read and every package has its state back
         self._texts: dict[str, int] = {}
+        self.domains = Domains()
 
     # -- registration of packages (called by their features' setup) ---------------------------
     def register(self, package: EventPackage) -> None:
@@ -221,9 +223,7 @@ class EventsFeature:
         self.cfg = dict(cfg["events"])
         self.sched.max_in_flight = self.cfg["max_in_flight"]
         msg_cfg = cfg["message"]
-        self._domains = {d.lower() for d in msg_cfg["domains"]}
-        self._main_domain = msg_cfg["domains"][0].lower() if msg_cfg["domains"] else ""
-        self._aliases = bool(msg_cfg["domain_aliases"])
+        self.domains = Domains.from_config(msg_cfg)
         for pkg in self.packages.values():
             pkg.configure(dict(cfg[pkg.section]))
 
@@ -306,14 +306,11 @@ class EventsFeature:
 
     # -- helpers ------------------------------------------------------------------------
     def user_key(self, user: str, host: str) -> str:
-        host = host.lower()
-        if self._aliases and host in self._domains:
-            host = self._main_domain
-        return f"{user}@{host}"
+        return self.domains.user_key(user, host)
 
     def default_domain(self) -> str:
         """The main domain (the first of [message] domains), or ""."""
-        return self._main_domain
+        return self.domains.main
 
     def text_counts(self, resource: str) -> int:
         """Stored instant messages waiting for ``resource`` (as last counted)."""
@@ -330,7 +327,7 @@ class EventsFeature:
             pass
 
     def serves(self, host: str) -> bool:
-        return not self._domains or host.lower() in self._domains
+        return self.domains.serves(host)
 
     def _contact(self, msg: Message, user: str, ruri: Any) -> str:
         base = self.cfg.get("contact") or ""

@@ -33,6 +33,7 @@ from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
 from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
                    new_call_id, new_tag, parse_name_addr, parse_uri)
 from ..store import AsyncStore, SQLiteMessageStore, owner_is_dead
+from .domains import Domains
 from .registrations import Registrations
 from .delivery import (STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Target,
                        parse_route)
@@ -209,6 +210,7 @@ class MessageFeature:
         self.deliverer: Deliverer | None = None
         self.store: AsyncStore | None = None
         self._buckets: dict[str, _Bucket] = {}
+        self.domains = Domains()
         self._live = 0
         self._scanner: asyncio.Task[None] | None = None
         self._started = False
@@ -323,8 +325,7 @@ class MessageFeature:
     def reconfigure(self, cfg: config_mod.Config) -> None:
         self.cfg = dict(cfg["message"])
         self.cfg["_types"] = {t.lower() for t in self.cfg["content_types"]}
-        self.cfg["_domains"] = {d.lower() for d in self.cfg["domains"]}
-        self.cfg["_main_domain"] = self.cfg["domains"][0].lower() if self.cfg["domains"] else ""
+        self.domains = Domains.from_config(self.cfg)
         self.cfg["_trusted"] = set(self.cfg["trusted_lines"])
         self.cfg["_accept"] = ", ".join(self.cfg["content_types"])
         d = self.deliverer
@@ -491,7 +492,7 @@ class MessageFeature:
             self._reject(msg, 404 if ruri else 400, "no recipient in the Request-URI")
             return 404 if ruri else 400
         rcpt_user = ruri.user or msg.get("called", "")
-        foreign = bool(cfg["_domains"]) and ruri.host not in cfg["_domains"]
+        foreign = self.domains.is_foreign(ruri.host)
         if foreign and not (cfg["relay_foreign"] and (username or trusted_line)):
             self._reject(msg, 403, f"{ruri.host} is not a domain we serve")
             return 403
@@ -534,16 +535,12 @@ class MessageFeature:
         return ""
 
     def user_key(self, user: str, host: str) -> str:
-        """The ``user@domain`` a recipient is stored and delivered under (``domain_aliases``:
-        every host of ``domains`` maps to the first)."""
-        host = host.lower()
-        if self.cfg.get("domain_aliases") and host in self.cfg["_domains"]:
-            host = self.cfg["_main_domain"]
-        return f"{user}@{host}"
+        """The ``user@domain`` a recipient is stored and delivered under (see
+        :class:`~.domains.Domains`)."""
+        return self.domains.user_key(user, host)
 
     def canonical_key(self, key: str) -> str:
-        user, _, host = key.rpartition("@")
-        return self.user_key(user, host) if user else key
+        return self.domains.canonical_key(key)
 
     async def _rekey(self, store: AsyncStore) -> None:
         """After a reload changed the domains: move stored rows and the backlog with them."""
@@ -555,8 +552,7 @@ class MessageFeature:
 
     def serves(self, host: str) -> bool:
         """Is ``host`` one of our domains (always, when ``domains`` is empty)?"""
-        domains = self.cfg.get("_domains")
-        return not domains or host.lower() in domains
+        return self.domains.serves(host)
 
     def is_automatic(self, msg: Message, frm: Any = None) -> bool:
         """A message that no automatic sender (notices, services) may ever answer."""
@@ -578,8 +574,7 @@ class MessageFeature:
             return False
         if frm.uri.user == self.cfg.get("notice_from"):
             return False
-        domains = self.cfg.get("_domains")
-        return not domains or frm.uri.host in domains
+        return self.domains.serves(frm.uri.host)
 
     def _over_rate(self, msg: Message, sender: str) -> bool:
         """Answer 503 with Retry-After (and say True) when ``sender`` is over its rate."""
