@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from yate_sipgen import config
+from yate_sipgen.features import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sipgen.conf"
@@ -44,7 +45,7 @@ def snippet_part(stdout: str) -> str:
 def test_check_example_prints_effective_settings() -> None:
     r = check_module("examples/sipgen.conf")
     assert r.returncode == 0, r.stderr
-    cfg = config.load(str(EXAMPLE))
+    cfg = config.load(str(EXAMPLE), schema())
     out_lines = r.stdout.splitlines()
     for line in cfg.effective():
         if line:

@@ -9,18 +9,24 @@ from pathlib import Path
 import pytest
 
 from yate_sipgen import config
+from yate_sipgen.features import feature_classes, schema
 from yate_sipgen.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sipgen.conf"
 
 
-def full_schema() -> list[config.Key]:
-    """SCHEMA with every feature's keys registered (features declare them at import time)."""
-    from yate_sipgen.features import feature_classes
+#: The schema the tests load with (the app's; ``test_section`` adds a private section).
+CURRENT: dict[str, config.Schema] = {"schema": schema()}
 
-    feature_classes()
-    return list(config.SCHEMA)
+
+def full_schema() -> list[config.Key]:
+    """Every key of the schema in use: the engine's and every feature's."""
+    return list(CURRENT["schema"].keys)
+
+
+def load(path: str) -> config.Config:
+    return config.load(path, CURRENT["schema"])
 
 
 def write(tmp_path: Path, text: str, name: str = "sipgen.conf") -> Path:
@@ -31,7 +37,7 @@ def write(tmp_path: Path, text: str, name: str = "sipgen.conf") -> Path:
 
 
 def load_text(tmp_path: Path, text: str) -> config.Config:
-    return config.load(str(write(tmp_path, text)))
+    return load(str(write(tmp_path, text)))
 
 
 def load_error(tmp_path: Path, text: str) -> str:
@@ -54,7 +60,9 @@ TEST_KEYS = [
 
 @pytest.fixture
 def test_section(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(config, "SCHEMA", full_schema() + TEST_KEYS)
+    parts = [config.CORE] + [cls.config for cls in feature_classes()]
+    monkeypatch.setitem(CURRENT, "schema",
+                        config.Schema(parts + [config.Declarations(keys=list(TEST_KEYS))]))
 
 
 # -- values and types --------------------------------------------------------------------------
@@ -140,14 +148,14 @@ def test_empty_value(tmp_path: Path) -> None:
 def test_line_without_equals_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "[general]\n\ntimeout\n")
     with pytest.raises(ConfigError) as exc:
-        config.load(str(path))
+        load(str(path))
     assert f"{path}:3" in str(exc.value) and "timeout" in str(exc.value)
 
 
 def test_key_before_any_section_is_an_error(tmp_path: Path) -> None:
     path = write(tmp_path, "timeout=2000\n[general]\n")
     with pytest.raises(ConfigError) as exc:
-        config.load(str(path))
+        load(str(path))
     assert f"{path}:1" in str(exc.value) and "timeout" in str(exc.value)
 
 
@@ -160,7 +168,7 @@ def test_relative_paths_resolve_against_the_file_not_the_cwd(
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     for given in (str(conf), os.path.relpath(conf, elsewhere)):
-        cfg = config.load(given)
+        cfg = load(given)
         assert cfg["general"]["state_dir"] == str(tmp_path / "etc" / "var" / "state")
 
 
@@ -169,7 +177,7 @@ def test_default_path_resolves_against_the_file(
     conf = write(tmp_path, "[general]\n", name="etc/sipgen.conf")
     monkeypatch.chdir(tmp_path)
     default = next(k for k in full_schema() if k.section == "general" and k.name == "state_dir")
-    cfg = config.load(str(conf))
+    cfg = load(str(conf))
     assert cfg["general"]["state_dir"] == str(tmp_path / "etc" / default.default)
 
 
@@ -179,7 +187,7 @@ def test_absolute_path_is_kept(tmp_path: Path) -> None:
 
 
 def test_path_kind_resolves_relative_to_the_file(tmp_path: Path, test_section: None) -> None:
-    cfg = config.load(str(write(tmp_path, "[t]\nwhere=sub/dir\n", name="a/b.conf")))
+    cfg = load(str(write(tmp_path, "[t]\nwhere=sub/dir\n", name="a/b.conf")))
     assert cfg["t"]["where"] == str(tmp_path / "a" / "sub" / "dir")
     assert cfg.base_dir == str(tmp_path / "a")
 
@@ -188,7 +196,7 @@ def test_path_kind_resolves_relative_to_the_file(tmp_path: Path, test_section: N
 
 def test_unknown_key_is_a_warning(tmp_path: Path) -> None:
     path = write(tmp_path, "[general]\ntimeout=2000\ntimout=3000\n")
-    cfg = config.load(str(path))
+    cfg = load(str(path))
     assert cfg["general"]["timeout"] == 2000
     assert len(cfg.warnings) == 1
     w = cfg.warnings[0]
@@ -198,7 +206,7 @@ def test_unknown_key_is_a_warning(tmp_path: Path) -> None:
 
 def test_unknown_section_is_a_warning(tmp_path: Path) -> None:
     path = write(tmp_path, "[genral]\ntimeout=abc\n[general]\nname=x\n")
-    cfg = config.load(str(path))  # keys of an unknown section are not checked
+    cfg = load(str(path))  # keys of an unknown section are not checked
     assert cfg["general"]["name"] == "x"
     assert len(cfg.warnings) == 1
     assert f"{path}:1" in cfg.warnings[0] and "genral" in cfg.warnings[0]
@@ -228,7 +236,7 @@ def test_invalid_value_error_names_everything(
         tmp_path: Path, section: str, key: str, bad: str, allowed: str) -> None:
     path = write(tmp_path, f"; header\n[{section}]\n\n{key}={bad}\n")
     with pytest.raises(ConfigError) as exc:
-        config.load(str(path))
+        load(str(path))
     text = str(exc.value)
     assert f"{path}:4" in text          # file:line
     assert f"[{section}]" in text       # section
@@ -241,7 +249,7 @@ def test_several_errors_are_reported_together(tmp_path: Path) -> None:
     path = write(tmp_path, "[general]\ntimeout=abc\nrestart=maybe\n[connection]\nmode=udp\n"
                            "garbage line\n")
     with pytest.raises(ConfigError) as exc:
-        config.load(str(path))
+        load(str(path))
     text = str(exc.value)
     for line, what in ((2, "timeout"), (3, "restart"), (5, "mode"), (6, "garbage line")):
         assert f"{path}:{line}" in text and what in text
@@ -260,10 +268,10 @@ def test_cross_key_checks(tmp_path: Path) -> None:
 
 
 def test_parse_text_without_a_file() -> None:
-    cfg = config.parse_text("[general]\ntimeout=4000\n")
+    cfg = config.parse_text("[general]\ntimeout=4000\n", CURRENT["schema"])
     assert cfg["general"]["timeout"] == 4000
     with pytest.raises(ConfigError) as exc:
-        config.parse_text("[general]\ntimeout=x\n")
+        config.parse_text("[general]\ntimeout=x\n", CURRENT["schema"])
     assert "<text>:2" in str(exc.value)
 
 
@@ -272,7 +280,7 @@ def test_parse_text_without_a_file() -> None:
 def test_empty_path_gives_defaults_with_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = config.load("")
+    cfg = load("")
     assert len(cfg.warnings) == 1 and "default" in cfg.warnings[0]
     for k in full_schema():
         if k.kind == "path":
@@ -286,13 +294,13 @@ def test_empty_path_gives_defaults_with_a_warning(
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "nope.conf"
     with pytest.raises(ConfigError) as exc:
-        config.load(str(path))
+        load(str(path))
     assert str(path) in str(exc.value) and "cannot read" in str(exc.value)
 
 
 def test_directory_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
-        config.load(str(tmp_path))
+        load(str(tmp_path))
     assert str(tmp_path) in str(exc.value) and "cannot read" in str(exc.value)
 
 
@@ -302,7 +310,7 @@ def test_unreadable_file_is_a_clear_error(tmp_path: Path) -> None:
     path.chmod(0)
     try:
         with pytest.raises(ConfigError) as exc:
-            config.load(str(path))
+            load(str(path))
     finally:
         path.chmod(0o644)
     assert str(path) in str(exc.value) and "cannot read" in str(exc.value)
@@ -312,7 +320,7 @@ def test_non_utf8_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "latin1.conf"
     path.write_bytes(b"[general]\nname=caf\xe9\n")
     with pytest.raises(ConfigError) as exc:
-        config.load(str(path))
+        load(str(path))
     assert str(path) in str(exc.value) and "UTF-8" in str(exc.value)
 
 
@@ -359,14 +367,14 @@ def _squash(text: str) -> str:
 
 def test_example_parses_without_warnings() -> None:
     full_schema()
-    cfg = config.load(str(EXAMPLE))
+    cfg = load(str(EXAMPLE))
     assert cfg.warnings == []
 
 
 def test_example_sets_every_key_to_its_default() -> None:
     blocks = _example_blocks()
-    defaults = config.defaults(str(EXAMPLE.parent))
-    cfg = config.load(str(EXAMPLE))
+    defaults = config.defaults(CURRENT["schema"], str(EXAMPLE.parent))
+    cfg = load(str(EXAMPLE))
     for k in full_schema():
         assert (k.section, k.name) in blocks, (
             f"{EXAMPLE} lacks [{k.section}] {k.name}; add it (with its doc) like this:\n"
@@ -394,5 +402,25 @@ def test_example_has_no_stray_keys() -> None:
 
 
 def test_example_state_dir_is_next_to_the_example() -> None:
-    cfg = config.load(str(EXAMPLE))
+    cfg = load(str(EXAMPLE))
     assert cfg["general"]["state_dir"] == str(EXAMPLE.parent / "state")
+
+
+def test_config_knows_no_feature_and_the_schema_is_assembled_from_their_declarations() -> None:
+    """No import circle: config.py imports no feature; each feature declares its own keys and
+    features.schema() puts them together, in order, each key exactly once."""
+    import subprocess
+    import sys
+
+    code = ("import sys, yate_sipgen.config; "
+            "print(any(m.startswith('yate_sipgen.features') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=str(ROOT))
+    assert out.stdout.strip() == "False"
+    s = schema()
+    assert s.sections()[:3] == ["general", "connection", "message"]
+    assert {"events", "presence", "dialog", "message-summary", "generic"} <= set(s.sections())
+    for cls in feature_classes():
+        assert all(k in s.keys for k in cls.config.keys), cls
+    with pytest.raises(ValueError):
+        config.Schema([config.CORE, config.CORE])

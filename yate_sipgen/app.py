@@ -47,6 +47,13 @@ class Feature(Protocol):
     async def close(self) -> None: ...
 
 
+def config_schema() -> config_mod.Schema:
+    """The sipgen.conf schema: the engine's keys and every feature's."""
+    from .features import schema
+
+    return schema()
+
+
 def default_features() -> list[Any]:
     """The features a plain ``yate-sipgen`` runs (imported lazily: one module each)."""
     feats: list[Any] = []
@@ -60,13 +67,14 @@ def default_features() -> list[Any]:
 class App:
     def __init__(self, config_path: str, *, features: list[Any] | None = None) -> None:
         self.config_path = config_path
+        self.schema = config_schema()  # every feature's keys, assembled here
         self.config_error: str | None = None
         try:
-            self.config = config_mod.load(config_path)
+            self.config = config_mod.load(config_path, self.schema)
         except ConfigError as e:
             self.config_error = str(e)
             base = os.path.dirname(os.path.abspath(config_path)) if config_path else os.getcwd()
-            self.config = config_mod.defaults(base)
+            self.config = config_mod.defaults(self.schema, base)
         g = self.config["general"]
         self.name: str = g["name"]
         self._mode: str = self.config["connection"]["mode"]
@@ -179,7 +187,7 @@ class App:
         """Re-read the config file; a bad file keeps the running config (and says why)."""
         try:
             new = await asyncio.get_running_loop().run_in_executor(
-                None, config_mod.load, self.config_path)
+                None, config_mod.load, self.config_path, self.schema)
         except ConfigError as e:
             log.log(logbridge.CONF, "reload failed, keeping the running configuration: %s", e)
             return f"Reload failed, running configuration kept:\r\n{e}\r\n"

@@ -70,7 +70,9 @@ def yate_snippets(cfg: config_mod.Config) -> str:
 
 def check(path: str) -> int:
     try:
-        cfg = config_mod.load(path)
+        from .features import schema
+
+        cfg = config_mod.load(path, schema())
     except ConfigError as e:
         print(f"{path}: configuration is INVALID:", file=sys.stderr)
         print(str(e), file=sys.stderr)

@@ -7,9 +7,12 @@ Yate's words (``true/yes/on/enable`` and ``false/no/off/disable``).
 Under Yate the file path is argv[1] and the working directory is Yate's, so relative paths
 *inside* the file resolve against the file's own directory.
 
-Every key is declared once in :data:`SCHEMA` (section, key, type, default, doc); the loader
-checks values against it, warns about unknown sections and keys, and ``examples/sipgen.conf``
-is tested against it so that it documents every key with its default.
+Every key is declared once (section, key, type, default, doc) by the module that uses it, in
+its own :class:`Declarations` (the engine's in :data:`CORE`, each feature's next to its code);
+the app assembles them into one :class:`Schema` (``yate_sipgen.features.schema()``). This
+module knows no feature. The loader checks values against the schema, warns about unknown
+sections and keys, and ``examples/sipgen.conf`` is tested against it so that it documents
+every key with its default.
 """
 
 from __future__ import annotations
@@ -90,12 +93,51 @@ class Key:
         return str(value)
 
 
-SCHEMA: list[Key] = []
+Check = Callable[["Config"], list[str]]
 
 
-def key(section: str, name: str, kind: str, default: Any, doc: str, **kw: Any) -> None:
-    """Declare a config key (features call this at import time)."""
-    SCHEMA.append(Key(section, name, kind, default, doc, **kw))
+@dataclass
+class Declarations:
+    """What one module declares: keys, a paragraph per section, cross-key checks (each returns
+    error strings; it may also append to ``cfg.warnings``)."""
+
+    keys: list[Key] = field(default_factory=list)
+    docs: dict[str, str] = field(default_factory=dict)
+    checks: list[Check] = field(default_factory=list)
+
+    def key(self, section: str, name: str, kind: str, default: Any, doc: str,
+            **kw: Any) -> None:
+        self.keys.append(Key(section, name, kind, default, doc, **kw))
+
+
+class Schema:
+    """Every key the running program knows, assembled from :class:`Declarations`."""
+
+    def __init__(self, parts: "list[Declarations]") -> None:
+        self.keys: list[Key] = []
+        self.docs: dict[str, str] = {}
+        self.checks: list[Check] = []
+        seen: set[tuple[str, str]] = set()
+        for part in parts:
+            for k in part.keys:
+                if (k.section, k.name) in seen:
+                    raise ValueError(f"config key [{k.section}] {k.name} declared twice")
+                seen.add((k.section, k.name))
+                self.keys.append(k)
+            self.docs.update(part.docs)
+            self.checks.extend(part.checks)
+
+    def sections(self) -> list[str]:
+        out: list[str] = []
+        for k in self.keys:
+            if k.section not in out:
+                out.append(k.section)
+        return out
+
+
+#: The engine's own keys ([general], [connection]).
+CORE = Declarations()
+key = CORE.key
 
 
 # [general] -- the engine --------------------------------------------------------------------
@@ -149,6 +191,7 @@ class Config:
     path: str
     base_dir: str
     values: dict[str, dict[str, Any]]
+    schema: Schema
     warnings: list[str] = field(default_factory=list)
     sections_seen: set[str] = field(default_factory=set)
 
@@ -158,46 +201,29 @@ class Config:
     def effective(self) -> list[str]:
         """``[section]`` / ``key=value`` lines of every setting, defaults included."""
         out: list[str] = []
-        for section in _sections():
+        for section in self.schema.sections():
             out.append(f"[{section}]")
-            for k in SCHEMA:
+            for k in self.schema.keys:
                 if k.section == section:
                     out.append(f"{k.name}={k.show(self.values[section][k.name])}")
             out.append("")
         return out
 
 
-def _sections() -> list[str]:
-    seen: list[str] = []
-    for k in SCHEMA:
-        if k.section not in seen:
-            seen.append(k.section)
-    return seen
-
-
-def defaults(base_dir: str = ".") -> Config:
-    _load_feature_keys()
-    values: dict[str, dict[str, Any]] = {s: {} for s in _sections()}
-    for k in SCHEMA:
+def defaults(schema: Schema, base_dir: str = ".") -> Config:
+    values: dict[str, dict[str, Any]] = {s: {} for s in schema.sections()}
+    for k in schema.keys:
         values[k.section][k.name] = k.parse(k.show(k.default), base_dir) if k.kind == "path" else k.default
-    return Config("", os.path.abspath(base_dir), values)
+    return Config("", os.path.abspath(base_dir), values, schema)
 
 
-def _load_feature_keys() -> None:
-    """Features declare their keys when imported; make sure they are before any parsing."""
-    from . import features  # noqa: F401  (import for its side effect)
-
-    features.feature_classes()
-
-
-def parse_text(text: str, path: str = "<text>") -> Config:
+def parse_text(text: str, schema: Schema, path: str = "<text>") -> Config:
     """Parse and validate; raises :class:`ConfigError` listing every error found."""
-    _load_feature_keys()
     base_dir = os.path.dirname(os.path.abspath(path)) if path != "<text>" else os.getcwd()
-    cfg = defaults(base_dir)
+    cfg = defaults(schema, base_dir)
     cfg.path = path
-    known: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in SCHEMA}
-    known_sections = set(_sections())
+    known: dict[tuple[str, str], Key] = {(k.section, k.name): k for k in schema.keys}
+    known_sections = set(schema.sections())
     errors: list[str] = []
     section: str | None = None
     bad_section = False
@@ -229,7 +255,7 @@ def parse_text(text: str, path: str = "<text>") -> Config:
         k = known.get((section, name))
         if k is None:
             if section in known_sections:
-                names = ", ".join(x.name for x in SCHEMA if x.section == section)
+                names = ", ".join(x.name for x in schema.keys if x.section == section)
                 cfg.warnings.append(f"{where}: unknown key {name} in [{section}] ignored "
                                     f"(known: {names})")
             elif _is_extension_section(section):
@@ -240,17 +266,17 @@ def parse_text(text: str, path: str = "<text>") -> Config:
         except ValueError:
             errors.append(f"{where}: [{section}] {name}={raw.strip()!r} is invalid: "
                           f"expected {k.allowed()}")
-    for check in CHECKS:
+    for check in schema.checks:
         errors.extend(check(cfg))
     if errors:
         raise ConfigError("\n".join(errors + [f"warning: {w}" for w in cfg.warnings]))
     return cfg
 
 
-def load(path: str) -> Config:
+def load(path: str, schema: Schema) -> Config:
     """Read and validate ``path``; an empty path gives the defaults (relative to the cwd)."""
     if not path:
-        cfg = defaults(os.getcwd())
+        cfg = defaults(schema, os.getcwd())
         cfg.warnings.append("no configuration file given: using the defaults")
         return cfg
     try:
@@ -260,7 +286,7 @@ def load(path: str) -> Config:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text") from None
-    return parse_text(text, path)
+    return parse_text(text, schema, path)
 
 
 #: Sections whose keys are free-form (e.g. ``[service echo]``): values kept as text.
@@ -269,10 +295,6 @@ EXTENSION_PREFIXES: list[str] = []
 
 def _is_extension_section(section: str) -> bool:
     return any(section.startswith(pfx) for pfx in EXTENSION_PREFIXES)
-
-
-#: Cross-key checks: each returns a list of error strings.
-CHECKS: list[Callable[[Config], list[str]]] = []
 
 
 def _check_general(cfg: Config) -> list[str]:
@@ -305,16 +327,13 @@ def _check_general(cfg: Config) -> list[str]:
     return errs
 
 
-CHECKS.append(_check_general)
-
-
-#: One paragraph per section for the example file.
-SECTION_DOCS: dict[str, str] = {
+CORE.checks.append(_check_general)
+CORE.docs.update({
     "general": "The engine: timeouts, limits, restart behaviour, state directory, console name.",
     "connection": "How yate-sipgen reaches Yate: started by Yate itself (mode=pipe, the usual "
                   "way), or run as a separate service that connects to an extmodule.conf "
                   "[listener] (tcp, unix).",
-}
+})
 
 
 def _wrap(text: str, width: int = 96) -> list[str]:
@@ -323,16 +342,15 @@ def _wrap(text: str, width: int = 96) -> list[str]:
     return ["; " + ln for ln in textwrap.wrap(text, width - 2)]
 
 
-def render_example(header: str, trailers: dict[str, str] | None = None) -> str:
+def render_example(schema: Schema, header: str, trailers: dict[str, str] | None = None) -> str:
     """``examples/sipgen.conf``: every key with its doc and its default, section by section."""
-    _load_feature_keys()
     out = [header.rstrip("\n"), ""]
-    for section in _sections():
+    for section in schema.sections():
         out += ["", f"[{section}]"]
-        if section in SECTION_DOCS:
-            out += _wrap(SECTION_DOCS[section])
+        if section in schema.docs:
+            out += _wrap(schema.docs[section])
         out.append("")
-        for k in SCHEMA:
+        for k in schema.keys:
             if k.section != section:
                 continue
             allowed = k.allowed() if k.kind != "path" else "a path"

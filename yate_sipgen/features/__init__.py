@@ -24,5 +24,12 @@ def feature_classes() -> list[type]:
             GenericFeature]
 
 
+def schema() -> Any:
+    """The sipgen.conf schema: the engine's keys, then each feature's, in this order."""
+    from .. import config
+
+    return config.Schema([config.CORE] + [cls.config for cls in feature_classes()])
+
+
 def all_features() -> list[Any]:
     return [cls() for cls in feature_classes()]

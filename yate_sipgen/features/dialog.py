@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..bodies import dialog_info as di
-from ..config import key
+from ..config import Declarations
 from ..events.package import EventPackage
 from ..events.subscription import Subscription
 from ..message import Message
@@ -30,8 +30,12 @@ from .events import package_keys
 
 log = logging.getLogger("yate_sipgen.dialog")
 
+#: This module's sipgen.conf keys (assembled into the schema by features.schema()).
+CONFIG = Declarations()
+key = CONFIG.key
+
 S = "dialog"
-package_keys(S, "Event: dialog (RFC 4235): busy lamp fields from Yate's call.cdr (load "
+package_keys(CONFIG, S, "Event: dialog (RFC 4235): busy lamp fields from Yate's call.cdr (load "
              "cdrbuild.yate; cdrbuild.conf [general] updates=true).",
              expires=3600, watchers="domain")
 key(S, "single_dialog", "bool", False,
@@ -86,6 +90,7 @@ def _state(operation: str, status: str, direction: str) -> str:
 
 class DialogFeature:
     name = "dialog"
+    config = CONFIG
 
     def __init__(self) -> None:
         self.package = DialogPackage()

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from .. import config as config_mod
-from ..config import key
+from ..config import Declarations
 from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..events import notifier as nt
 from ..events.notifier import NotifyScheduler, notify_params
@@ -42,8 +42,12 @@ from .domains import Domains
 
 log = logging.getLogger("yate_sipgen.events")
 
+#: This module's sipgen.conf keys (assembled into the schema by features.schema()).
+CONFIG = Declarations()
+key = CONFIG.key
+
 S = "events"
-config_mod.SECTION_DOCS[S] = (
+CONFIG.docs[S] = (
     "SIP events (SUBSCRIBE/NOTIFY, RFC 6665): what every event package shares. Needs "
     "ysipchan.conf [methods] subscribe=... and [general] initial_headers=yes (for the Route "
     "set). The packages have sections of their own: [presence], [dialog], [message-summary].")
@@ -81,10 +85,11 @@ key(S, "database", "path", "",
     "Used only at start.")
 
 
-def package_keys(section: str, doc: str, *, expires: int, watchers: str,
+def package_keys(decl: Declarations, section: str, doc: str, *, expires: int, watchers: str,
                  min_interval: float = 0.0) -> None:
-    """The keys every package section has."""
-    config_mod.SECTION_DOCS[section] = doc
+    """Declare in ``decl`` the keys every package section has."""
+    key = decl.key
+    decl.docs[section] = doc
     key(section, "enable", "bool", True, f"Serve Event: {section}. Used only at start.")
     key(section, "expires", "int", expires,
         "Subscription length in seconds when the SUBSCRIBE has no Expires (capped by [events] "
@@ -128,6 +133,7 @@ class EventsFeature:
     """The subscription core: one table, one expiry timer, one NOTIFY queue."""
 
     name = "events"
+    config = CONFIG
 
     def __init__(self) -> None:
         self.packages: dict[str, EventPackage] = {}

@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from .. import config as config_mod
-from ..config import key
+from ..config import Declarations
 from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..message import Message
 from ..sip import header_safe, parse_name_addr, parse_uri
@@ -27,8 +27,12 @@ from .delivery import Target, parse_route
 
 log = logging.getLogger("yate_sipgen.generic")
 
+#: This module's sipgen.conf keys (assembled into the schema by features.schema()).
+CONFIG = Declarations()
+key = CONFIG.key
+
 S = "generic"
-config_mod.SECTION_DOCS[S] = (
+CONFIG.docs[S] = (
     "Other generic SIP methods (ysipchan.conf [methods]): what each is answered, or whether it "
     "is relayed to the Request-URI user.")
 key(S, "methods", "list", (),
@@ -72,11 +76,12 @@ def _check(cfg: config_mod.Config) -> list[str]:
     return []
 
 
-config_mod.CHECKS.append(_check)
+CONFIG.checks.append(_check)
 
 
 class GenericFeature:
     name = "generic"
+    config = CONFIG
 
     def __init__(self) -> None:
         self.policies: dict[str, str | int] = {}

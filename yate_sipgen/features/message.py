@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import config as config_mod
-from ..config import key
+from ..config import Declarations
 from ..errors import DispatchCancelled, DispatchTimeout
 from ..message import Message
 from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
@@ -40,8 +40,12 @@ from .delivery import (STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Targ
 
 log = logging.getLogger("yate_sipgen.message")
 
+#: This module's sipgen.conf keys (assembled into the schema by features.schema()).
+CONFIG = Declarations()
+key = CONFIG.key
+
 S = "message"
-config_mod.SECTION_DOCS[S] = (
+CONFIG.docs[S] = (
     "SIP MESSAGE (instant messages): who may send to whom, validation limits, how the sender is "
     "answered, and the offline store. Needs ysipchan.conf [methods] message=... and [message] "
     "enable=no (or msg_execute=true for Yate's own MESSAGE routing).")
@@ -168,7 +172,7 @@ def _check_message(cfg: config_mod.Config) -> list[str]:
     return errs
 
 
-config_mod.CHECKS.append(_check_message)
+CONFIG.checks.append(_check_message)
 
 
 @dataclass(slots=True)
@@ -201,6 +205,7 @@ class _Bucket:
 
 class MessageFeature:
     name = "message"
+    config = CONFIG
 
     def __init__(self) -> None:
         self.cfg: dict[str, Any] = {}

@@ -20,7 +20,7 @@ from typing import Any
 
 from .. import config as config_mod
 from ..bodies import message_summary as ms
-from ..config import key
+from ..config import Declarations
 from ..events.package import EventPackage
 from ..events.subscription import Subscription
 from ..message import Message
@@ -29,8 +29,12 @@ from .events import package_keys
 
 log = logging.getLogger("yate_sipgen.mwi")
 
+#: This module's sipgen.conf keys (assembled into the schema by features.schema()).
+CONFIG = Declarations()
+key = CONFIG.key
+
 S = "message-summary"
-package_keys(S, "Event: message-summary (RFC 3842): the message-waiting lamp, from Yate's mwi "
+package_keys(CONFIG, S, "Event: message-summary (RFC 3842): the message-waiting lamp, from Yate's mwi "
              "and user.notify messages, the console, and stored instant messages.",
              expires=3600, watchers="self")
 key(S, "mailbox_numbers", "list", ("*97",),
@@ -105,6 +109,7 @@ class MessageSummaryPackage(EventPackage):
 
 class MessageSummaryFeature:
     name = "message-summary"
+    config = CONFIG
 
     def __init__(self) -> None:
         self.package = MessageSummaryPackage()

@@ -22,7 +22,7 @@ from typing import Any
 from .. import config as config_mod
 from ..bodies import pidf
 from ..bodies.xml import BodyError
-from ..config import key
+from ..config import Declarations
 from ..events.package import EventPackage
 from ..events.publication import INITIAL, MODIFY, REFRESH, REMOVE, PublicationTable, new_etag
 from ..events.store import Publication
@@ -33,8 +33,12 @@ from .events import package_keys
 
 log = logging.getLogger("yate_sipgen.presence")
 
+#: This module's sipgen.conf keys (assembled into the schema by features.schema()).
+CONFIG = Declarations()
+key = CONFIG.key
+
 S = "presence"
-package_keys(S, "Event: presence (RFC 3856): watchers get the PIDF documents users PUBLISH "
+package_keys(CONFIG, S, "Event: presence (RFC 3856): watchers get the PIDF documents users PUBLISH "
              "(RFC 3903). Needs ysipchan.conf [methods] subscribe=... and publish=...",
              expires=3600, watchers="domain", min_interval=5.0)
 key(S, "publish", "bool", True,
@@ -110,6 +114,7 @@ class PresenceFeature:
     """Registers the presence package with the core and serves PUBLISH."""
 
     name = "presence"
+    config = CONFIG
 
     def __init__(self) -> None:
         self.package = PresencePackage()
