@@ -108,6 +108,18 @@ def package_keys(decl: Declarations, section: str, doc: str, *, expires: int, wa
             "NOTIFY and the final one are never delayed).", minimum=0, maximum=3600)
 
 
+def refuse(msg: Message, err: SubscribeError, counters: Any, method: str) -> bool:
+    """Answer a SUBSCRIBE or PUBLISH we refuse: the code, its headers (``osip_*``), counted
+    and logged."""
+    msg["code"] = str(err.code)
+    for h, v in err.headers.items():
+        msg["osip_" + h] = v
+    counters[f"{method.lower()}_{err.code}"] += 1
+    log.info("%s from %s for %s refused %d: %s", method, msg.get("caller", "?"),
+             msg.get("sip_uri", "?"), err.code, err.reason)
+    return True
+
+
 def _first_hop(route: str) -> tuple[str, str]:
     """Host and port of the first Route entry (where a NOTIFY with a Route set goes)."""
     first = route.split(",")[0].strip()
@@ -346,20 +358,11 @@ class EventsFeature:
         return f"<{header_safe(base)}>"
 
     # -- sip.subscribe ------------------------------------------------------------------
-    def _refuse(self, msg: Message, err: SubscribeError) -> bool:
-        msg["code"] = str(err.code)
-        for h, v in err.headers.items():
-            msg["osip_" + h] = v
-        self.counters[f"subscribe_{err.code}"] += 1
-        log.info("SUBSCRIBE from %s for %s refused %d: %s", msg.get("caller", "?"),
-                 msg.get("sip_uri", "?"), err.code, err.reason)
-        return True
-
     async def on_subscribe(self, msg: Message) -> bool:
         try:
             return await self._subscribe(msg)
         except SubscribeError as e:
-            return self._refuse(msg, e)
+            return refuse(msg, e, self.counters, "SUBSCRIBE")
 
     async def _subscribe(self, msg: Message) -> bool:
         self.counters["subscribe"] += 1

@@ -29,7 +29,7 @@ from ..events.store import Publication
 from ..events.subscription import SubscribeError, Subscription, negotiate_expires, parse_event
 from ..message import Message
 from ..sip import media_type, parse_uri
-from .events import package_keys
+from .events import package_keys, refuse
 
 log = logging.getLogger("yate_sipgen.presence")
 
@@ -181,13 +181,7 @@ class PresenceFeature:
         try:
             return await self._publish(msg)
         except SubscribeError as e:
-            msg["code"] = str(e.code)
-            for h, v in e.headers.items():
-                msg["osip_" + h] = v
-            self.counters[f"publish_{e.code}"] += 1
-            log.info("PUBLISH from %s for %s refused %d: %s", msg.get("caller", "?"),
-                     msg.get("sip_uri", "?"), e.code, e.reason)
-            return True
+            return refuse(msg, e, self.counters, "PUBLISH")
 
     async def _publish(self, msg: Message) -> bool:
         core = self.core
