@@ -13,7 +13,10 @@ claimed at all while its oldest row is leased elsewhere).
 :class:`AsyncStore` runs every call in one dedicated thread: SQLite work (and its fsync) never
 blocks the event loop, not even opening the file (a database locked by another process makes
 SQLite wait up to its busy timeout; the script must still answer Yate and exit at once when its
-stdin closes).
+stdin closes). It *group-commits*: the calls made in one event-loop tick, and those that arrive
+while the thread is busy, run as one batch in one transaction with one commit (one fsync), and
+no caller hears back before that commit. Writes are still committed before we answer; there is
+just one commit per batch instead of one per write (:class:`SQLiteTransactions`).
 
 Lease owners name their process (:func:`new_owner`: host, pid, the pid's start time): a row
 leased by a process of this host that no longer runs is given back at start
@@ -28,10 +31,14 @@ import os
 import secrets
 import socket
 import sqlite3
+import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,7 +216,79 @@ def _unblob(b: bytes | str) -> str:
     return b.decode("utf-8", "surrogateescape") if isinstance(b, bytes) else b
 
 
-class SQLiteMessageStore(MessageStore):
+class SQLiteTransactions:
+    """Transactions of a store on one SQLite connection (``self.db``, autocommit mode:
+    ``isolation_level=None``), nestable so that :class:`AsyncStore` can group-commit.
+
+    Why the batch exists: every commit in ``synchronous=FULL`` is an fsync, and one fsync per
+    SUBSCRIBE, PUBLISH or stored MESSAGE caps the script at what the disk does per second (and
+    costs CPU in the kernel). :class:`AsyncStore` therefore runs a whole batch of calls inside
+    one :meth:`transaction`; each method of the store opens its own :meth:`transaction` (or is
+    a single statement), which then is a SAVEPOINT inside the batch instead of a commit.
+
+    Used directly (no batch open), every method still commits before it returns: a single
+    statement commits by itself (autocommit), a multi-statement method's :meth:`transaction`
+    is the outermost one and commits. Run inside a transaction the caller opened (``BEGIN``
+    on ``db`` by hand, or a batch), nothing is committed until that one commits.
+    """
+
+    db: sqlite3.Connection
+    #: Methods that only read: a batch made only of these needs no transaction (and no
+    #: write lock). Any method not named here is taken to write.
+    READS: frozenset[str] = frozenset()
+    #: Write transactions committed so far through :meth:`transaction` (for tests/figures).
+    commits: int = 0
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.db.in_transaction
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """One atomic unit: the outermost one is ``BEGIN IMMEDIATE`` ... ``COMMIT`` (the write
+        lock first, so a transaction never fails half way on a lock another process took),
+        nested ones are savepoints. An exception rolls back just this unit and propagates.
+
+        If SQLite itself ended the whole transaction on an error (a full disk, an I/O error),
+        there is nothing left to roll back here; :attr:`in_transaction` is then False and the
+        caller of a batch learns its earlier work is gone too.
+        """
+        db = self.db
+        if db.in_transaction:
+            db.execute("SAVEPOINT sipgen")
+            try:
+                yield
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK TO sipgen")
+                    db.execute("RELEASE sipgen")
+                raise
+            db.execute("RELEASE sipgen")
+            return
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        try:
+            self._commit()
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def _commit(self) -> None:
+        """The one place a transaction becomes durable (``synchronous=FULL``: on disk when
+        this returns)."""
+        self.db.execute("COMMIT")
+        self.commits += 1
+
+
+class SQLiteMessageStore(SQLiteTransactions, MessageStore):
+    READS = frozenset({"count", "users_due", "users", "list"})
+
     def __init__(self, path: str) -> None:
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
@@ -246,8 +325,7 @@ class SQLiteMessageStore(MessageStore):
 
     def claim(self, user: str, owner: str, lease_until: float, now: float, limit: int,
               due_only: bool = True, up_to: float | None = None) -> list[StoredMessage]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction():
             rows = self.db.execute(
                 f"SELECT {_COLS}, lease_until, lease_owner FROM messages WHERE user=? "
                 "ORDER BY received, id LIMIT ?", (user, limit)).fetchall()
@@ -261,11 +339,7 @@ class SQLiteMessageStore(MessageStore):
             if taken:
                 self.db.executemany("UPDATE messages SET lease_owner=?, lease_until=? WHERE id=?",
                                     [(owner, lease_until, m.id) for m in taken])
-            self.db.execute("COMMIT")
-            return taken
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+        return taken
 
     def delete(self, msg_id: int) -> None:
         self.db.execute("DELETE FROM messages WHERE id=?", (msg_id,))
@@ -289,16 +363,11 @@ class SQLiteMessageStore(MessageStore):
         return [r[0] for r in self.db.execute("SELECT DISTINCT user FROM messages")]
 
     def take_expired(self, now: float, limit: int = 500) -> list[StoredMessage]:
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with self.transaction():
             rows = self.db.execute(
                 f"SELECT {_COLS} FROM messages WHERE expires <= ? AND lease_until <= ? "
                 "ORDER BY id LIMIT ?", (now, now, limit)).fetchall()
             self.db.executemany("DELETE FROM messages WHERE id=?", [(r[0],) for r in rows])
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return [_row(r) for r in rows]
 
     def list(self, user: str | None = None, limit: int = 1000) -> list[StoredMessage]:
@@ -318,22 +387,25 @@ class SQLiteMessageStore(MessageStore):
         return cur.rowcount
 
     def recover_leases(self, is_dead: Callable[[str], bool]) -> int:
-        owners = [r[0] for r in self.db.execute(
-            "SELECT DISTINCT lease_owner FROM messages WHERE lease_owner != '' "
-            "AND lease_until > 0")]
-        dead = [o for o in owners if is_dead(o)]
         n = 0
-        for o in dead:
-            n += self.db.execute("UPDATE messages SET lease_owner='', lease_until=0 "
-                                 "WHERE lease_owner=?", (o,)).rowcount
+        with self.transaction():  # one commit for all of them
+            owners = [r[0] for r in self.db.execute(
+                "SELECT DISTINCT lease_owner FROM messages WHERE lease_owner != '' "
+                "AND lease_until > 0")]
+            for o in owners:
+                if is_dead(o):
+                    n += self.db.execute("UPDATE messages SET lease_owner='', lease_until=0 "
+                                         "WHERE lease_owner=?", (o,)).rowcount
         return n
 
     def rekey(self, key: Callable[[str], str]) -> int:
-        moves = [(key(u), u) for u in self.users()]
-        moves = [(new, old) for new, old in moves if new != old]
         n = 0
-        for new, old in moves:
-            n += self.db.execute("UPDATE messages SET user=? WHERE user=?", (new, old)).rowcount
+        with self.transaction():  # every user moved, or none
+            moves = [(key(u), u) for u in self.users()]
+            for new, old in moves:
+                if new != old:
+                    n += self.db.execute("UPDATE messages SET user=? WHERE user=?",
+                                         (new, old)).rowcount
         return n
 
     def close(self) -> None:
@@ -341,63 +413,259 @@ class SQLiteMessageStore(MessageStore):
 
 
 class StoreUnavailable(Exception):
-    """The store could not be opened; nothing can be stored or read."""
+    """The store could not be opened (or is closed); nothing can be stored or read."""
+
+
+#: At most this many calls run in one batch (one transaction): a flood of calls cannot keep
+#: one transaction open, and the write lock held, without end; the rest go in the next batch.
+MAX_BATCH = 256
+
+
+class _Call:
+    """One awaited store call: what to run, and the future its caller waits on."""
+
+    __slots__ = ("name", "args", "kw", "fut", "loop", "ok", "value")
+
+    def __init__(self, name: str, args: tuple[Any, ...], kw: dict[str, Any],
+                 fut: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.name, self.args, self.kw, self.fut, self.loop = name, args, kw, fut, loop
+        self.ok = False
+        self.value: Any = None
+
+
+class _BatchLost(Exception):
+    """The batch's transaction is gone (SQLite ended it on an error, or its commit failed)."""
+
+
+def _resolve(calls: list[_Call]) -> None:
+    """On the event loop: hand each caller its result (its batch is committed by now)."""
+    for c in calls:
+        fut = c.fut
+        if fut.done():  # cancelled meanwhile: the caller no longer listens
+            continue
+        if c.ok:
+            fut.set_result(c.value)
+        else:
+            fut.set_exception(c.value)
+
+
+class _Worker:
+    """The state :class:`AsyncStore` shares with its thread (the thread holds this, never the
+    :class:`AsyncStore`, so an AsyncStore nobody uses any more is collected and stops it)."""
+
+    def __init__(self, store: Any, opener: Callable[[], Any] | None) -> None:
+        self.store: Any = store
+        self.error: BaseException | None = None
+        self.ready: Future[None] = Future()
+        self.cond = threading.Condition(threading.Lock())
+        self.queue: deque[_Call] = deque()  # handed over, waiting for the thread
+        self.closing = False
+        self.batches = 0  # batches run (for tests and figures)
+        # the event loop's side: calls made during this tick, not handed over yet
+        self.tick: list[_Call] = []
+        self.tick_loop: asyncio.AbstractEventLoop | None = None
+        if opener is None:
+            self.ready.set_result(None)
+        self.thread = threading.Thread(target=self.run, args=(opener,), daemon=True,
+                                       name=f"sipgen-store-{id(self):x}")
+        self.thread.start()
+
+    # -- the event loop's side ---------------------------------------------------------------
+    def submit(self, c: _Call) -> None:
+        if self.closing:
+            raise StoreUnavailable("store closed")
+        self.tick.append(c)
+        if self.tick_loop is not c.loop:
+            if self.tick_loop is not None:
+                self.hand_over()  # another loop had calls waiting: do not strand them
+            self.tick_loop = c.loop
+            c.loop.call_soon(self.hand_over)
+
+    def hand_over(self) -> None:
+        """End of the tick: what was called during it goes to the thread in one go."""
+        self.tick_loop = None
+        if not self.tick:
+            return
+        calls, self.tick = self.tick, []
+        with self.cond:
+            self.queue.extend(calls)
+            self.cond.notify()
+
+    def stop(self, wait: bool = False) -> None:
+        """What was already called still runs; then the store is closed and the thread ends."""
+        self.hand_over()
+        with self.cond:
+            self.closing = True
+            self.cond.notify()
+        if wait and threading.current_thread() is not self.thread:
+            self.thread.join()
+
+    # -- the store's thread ------------------------------------------------------------------
+    def run(self, opener: Callable[[], Any] | None) -> None:
+        if opener is not None:
+            try:
+                self.store = opener()
+            except BaseException as e:  # noqa: BLE001 - every caller hears of it
+                self.error = e
+                self.ready.set_exception(e)
+            else:
+                self.ready.set_result(None)
+        cond, queue = self.cond, self.queue
+        while True:
+            with cond:
+                while not queue and not self.closing:
+                    cond.wait()
+                if not queue:
+                    break
+                n = min(len(queue), MAX_BATCH)
+                batch = [queue.popleft() for _ in range(n)]
+            self.run_batch(batch)
+        if self.store is not None:
+            self.store.close()
+
+    def run_batch(self, batch: list[_Call]) -> None:
+        # cancelled before it started: not run (as an executor would not run it)
+        calls = [c for c in batch if not c.fut.cancelled()]
+        if not calls:
+            return
+        self.batches += 1
+        store = self.store
+        reads: frozenset[str] = getattr(store, "READS", frozenset())
+        if (len(calls) == 1 or not isinstance(store, SQLiteTransactions)
+                or all(c.name in reads for c in calls)):
+            for c in calls:  # each commits by itself, if it writes at all
+                self.run_one(c)
+        else:
+            try:
+                self.run_together(store, calls)
+            except _BatchLost:
+                for c in calls:  # nothing of it was committed: each on its own now
+                    self.run_one(c)
+        # only now, every write of the batch committed, do the callers hear back
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
+        for c in calls:
+            by_loop.setdefault(c.loop, []).append(c)
+        for loop, done in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # that loop is closed: nobody waits any more
+                pass
+
+    def run_one(self, c: _Call) -> None:
+        try:
+            if self.store is None:
+                raise StoreUnavailable(f"store not open: {self.error!r}")
+            c.value = getattr(self.store, c.name)(*c.args, **c.kw)
+            c.ok = True
+        except BaseException as e:  # noqa: BLE001 - the caller gets it
+            c.value, c.ok = e, False
+
+    @staticmethod
+    def run_together(store: SQLiteTransactions, calls: list[_Call]) -> None:
+        """Every call in one transaction, each in a savepoint; one commit at the end.
+
+        Raises :class:`_BatchLost` when the transaction did not survive (nothing committed).
+        """
+        try:
+            with store.transaction():
+                for c in calls:
+                    try:
+                        with store.transaction():
+                            c.value = getattr(store, c.name)(*c.args, **c.kw)
+                            c.ok = True
+                    except BaseException as e:  # noqa: BLE001 - that caller gets it
+                        c.value, c.ok = e, False
+                        if not store.in_transaction:
+                            raise _BatchLost from e
+        except _BatchLost:
+            raise
+        except Exception as e:  # BEGIN or COMMIT failed: rolled back, nothing kept
+            raise _BatchLost from e
 
 
 class AsyncStore:
-    """Runs a :class:`MessageStore` in one dedicated thread; every method is awaitable.
+    """Runs a store (a :class:`MessageStore`, an ``EventStore``) in one dedicated thread; every
+    method of it is awaitable here.
 
     Given a callable instead of a store, it opens the store *in that thread*: the event loop
     goes on at once, and calls made meanwhile queue behind the opening (one thread, first in
     first out). :meth:`opened` waits for it; if opening failed, every call raises
     :class:`StoreUnavailable`.
+
+    **Group commit.** Calls are not handed to the thread one by one: those made during one
+    event-loop tick go over together at the end of it, and those that arrive while the thread
+    is busy wait for it. The thread takes everything waiting (at most :data:`MAX_BATCH` calls)
+    and, when the store offers :class:`SQLiteTransactions`, runs it as *one* transaction: each
+    call inside its own savepoint, then one commit. Why: with ``synchronous=FULL`` each commit
+    is an fsync, and committing every SUBSCRIBE, PUBLISH or stored MESSAGE on its own made the
+    disk, not the script, the limit.
+
+    What a caller sees does not change:
+
+    * **Durability**: a call's future is resolved only after the commit that holds its write
+      has returned (data on disk), so "committed before we answer" still holds. Nothing of a
+      batch is resolved before its commit; a batch of reads only needs none.
+    * **Order**: calls run in the order they were made; a read sees the writes made before it,
+      including those of its own batch (one connection).
+    * **Isolation of failures**: a call that raises rolls back to its savepoint and gets its
+      exception; the other calls of the batch are committed and get their results. If the
+      batch's transaction is lost as a whole (SQLite ended it on a full disk or an I/O error,
+      or the commit failed), nothing of it was committed and every call is run once more on
+      its own, in its own transaction, exactly as without batching.
+    * **Cancellation**: a call whose caller was cancelled before its batch started is not run.
+
+    A store without :meth:`SQLiteTransactions.transaction` (another backend) gets its calls
+    one at a time, each committing by itself. Use it from one event loop at a time.
     """
 
-    def __init__(self, store: MessageStore | Callable[[], MessageStore]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sipgen-store")
-        self.error: BaseException | None = None
-        if isinstance(store, MessageStore):
-            self.store: MessageStore | None = store
-            self._ready: Future[None] = Future()
-            self._ready.set_result(None)
+    def __init__(self, store: Any) -> None:
+        if isinstance(store, MessageStore) or not callable(store):
+            self._w = _Worker(store, None)
         else:
-            self.store = None
-            self._ready = self._pool.submit(self._open, store)
+            self._w = _Worker(None, store)
+        weakref.finalize(self, self._w.stop)
 
-    def _open(self, opener: Callable[[], MessageStore]) -> None:
-        try:
-            self.store = opener()
-        except BaseException as e:
-            self.error = e
-            raise
+    @property
+    def store(self) -> Any:
+        """The synchronous store (None until open, or if opening failed)."""
+        return self._w.store
+
+    @property
+    def error(self) -> BaseException | None:
+        """What opening raised, if it failed."""
+        return self._w.error
+
+    @property
+    def batches(self) -> int:
+        """Batches run so far (each one transaction at most)."""
+        return self._w.batches
 
     @property
     def is_open(self) -> bool:
-        return self._ready.done() and self.store is not None
+        return self._w.ready.done() and self._w.store is not None
 
     async def opened(self) -> None:
         """Wait until the store is open; raises what opening raised."""
-        await asyncio.wrap_future(self._ready)
+        await asyncio.wrap_future(self._w.ready)
 
-    def _run(self, name: str, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
-        if self.store is None:
-            raise StoreUnavailable(f"message store not open: {self.error!r}")
-        return getattr(self.store, name)(*args, **kw)
-
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):
             raise AttributeError(name)
+        submit = self._w.submit
 
         async def call(*args: Any, **kw: Any) -> Any:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._pool, self._run, name, args, kw)
+            fut = loop.create_future()
+            submit(_Call(name, args, kw, fut, loop))
+            return await fut
 
+        call.__name__ = call.__qualname__ = name
+        self.__dict__[name] = call  # found at once next time
         return call
 
     def close(self) -> None:
-        if self.store is not None:
-            self._pool.submit(self.store.close)
-        self._pool.shutdown(wait=True)
+        """Run what was already called, then close the store and stop the thread (waits)."""
+        self._w.stop(wait=True)
 
 
 def now() -> float:

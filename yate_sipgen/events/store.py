@@ -8,7 +8,9 @@ versions are reserved in blocks (``cseq_mark``/``version_mark``: a restart conti
 mark), and expiry is an ``expires_at`` column anyone can sweep.
 
 Run it through :class:`yate_sipgen.store.AsyncStore` (one thread; the event loop never waits on
-SQLite).
+SQLite). There, the calls of one loop tick (and those made while the thread was busy) share one
+transaction and one commit, still before any of their answers (group commit: see
+:class:`yate_sipgen.store.SQLiteTransactions`); used directly, each method commits by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sqlite3
 from sys import intern
 from dataclasses import astuple, dataclass, fields
 
+from ..store import SQLiteTransactions
 from .subscription import Subscription
 
 _SCHEMA = """
@@ -69,8 +72,14 @@ class Publication:
 _PUB_COLS = tuple(f.name for f in fields(Publication))
 
 
-class EventStore:
-    """Synchronous; one instance per thread (see :class:`~yate_sipgen.store.AsyncStore`)."""
+class EventStore(SQLiteTransactions):
+    """Synchronous; one instance per thread (see :class:`~yate_sipgen.store.AsyncStore`).
+
+    Every method is one statement (it commits by itself, or joins the transaction open) or
+    runs in :meth:`transaction` (its own commit, or a savepoint of the transaction open).
+    """
+
+    READS = frozenset({"load_subscriptions", "load_publications", "load_state"})
 
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -96,14 +105,9 @@ class EventStore:
         """``(cseq_mark, version_mark, id)`` of subscriptions whose reservation grew."""
         if not marks:
             return
-        self.db.execute("BEGIN")
-        try:
+        with self.transaction():
             self.db.executemany("UPDATE subscriptions SET cseq_mark=?, version_mark=? WHERE id=?",
                                 marks)
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def delete_subscription(self, sid: str) -> None:
         self.db.execute("DELETE FROM subscriptions WHERE id=?", (sid,))
@@ -111,13 +115,8 @@ class EventStore:
     def delete_subscriptions(self, ids: list[str]) -> None:
         if not ids:
             return
-        self.db.execute("BEGIN")
-        try:
+        with self.transaction():
             self.db.executemany("DELETE FROM subscriptions WHERE id=?", [(i,) for i in ids])
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def load_subscriptions(self) -> list[Subscription]:
         out = []
@@ -139,17 +138,12 @@ class EventStore:
     # -- publications --------------------------------------------------------------------
     def save_publication(self, pub: Publication, replaces: str = "") -> None:
         """Insert ``pub``; ``replaces``: the ETag it supersedes (one transaction)."""
-        self.db.execute("BEGIN")
-        try:
+        with self.transaction():
             if replaces:
                 self.db.execute("DELETE FROM publications WHERE etag=?", (replaces,))
             cols = ",".join(_PUB_COLS)
             self.db.execute(f"INSERT OR REPLACE INTO publications ({cols}) VALUES "
                             f"({','.join('?' * len(_PUB_COLS))})", astuple(pub))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
 
     def delete_publication(self, etag: str) -> None:
         self.db.execute("DELETE FROM publications WHERE etag=?", (etag,))
