@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS publications (
     published REAL NOT NULL, owner TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS publications_resource ON publications (package, resource);
+CREATE TABLE IF NOT EXISTS outbox (
+    sub_id TEXT PRIMARY KEY, marked REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS package_state (
     package TEXT NOT NULL, resource TEXT NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (package, resource)
@@ -79,7 +82,7 @@ class EventStore(SQLiteTransactions):
     runs in :meth:`transaction` (its own commit, or a savepoint of the transaction open).
     """
 
-    READS = frozenset({"load_subscriptions", "load_publications", "load_state"})
+    READS = frozenset({"load_subscriptions", "load_publications", "load_state", "load_due"})
 
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -95,11 +98,16 @@ class EventStore(SQLiteTransactions):
         self.db.close()
 
     # -- subscriptions -------------------------------------------------------------------
-    def save_subscription(self, sub: Subscription) -> None:
+    def save_subscription(self, sub: Subscription, due: float = 0.0) -> None:
+        """Insert or update ``sub``; ``due``: a NOTIFY is owed to it from then (the first one
+        after a SUBSCRIBE or a refresh), as an outbox row in the same transaction."""
         cols = ",".join(_SUB_COLS)
         marks = ",".join("?" * len(_SUB_COLS))
-        self.db.execute(f"INSERT OR REPLACE INTO subscriptions ({cols}) VALUES ({marks})",
-                        astuple(sub))
+        with self.transaction():
+            self.db.execute(f"INSERT OR REPLACE INTO subscriptions ({cols}) VALUES ({marks})",
+                            astuple(sub))
+            if due:
+                self.mark_due([sub.id], due)
 
     def save_marks(self, marks: list[tuple[int, int, str]]) -> None:
         """``(cseq_mark, version_mark, id)`` of subscriptions whose reservation grew."""
@@ -110,13 +118,37 @@ class EventStore(SQLiteTransactions):
                                 marks)
 
     def delete_subscription(self, sid: str) -> None:
-        self.db.execute("DELETE FROM subscriptions WHERE id=?", (sid,))
+        self.delete_subscriptions([sid])
 
     def delete_subscriptions(self, ids: list[str]) -> None:
         if not ids:
             return
+        rows = [(i,) for i in ids]
         with self.transaction():
-            self.db.executemany("DELETE FROM subscriptions WHERE id=?", [(i,) for i in ids])
+            self.db.executemany("DELETE FROM subscriptions WHERE id=?", rows)
+            self.db.executemany("DELETE FROM outbox WHERE sub_id=?", rows)
+
+    # -- the outbox: NOTIFYs due ------------------------------------------------------------
+    # A state change marks its watchers here (one row per subscription: a burst coalesces
+    # into one row, its ``marked`` the latest); the row goes once a NOTIFY rendered after that
+    # mark is through. A restart, or another node sharing the file, finds what is still owed.
+    def mark_due(self, ids: list[str], marked: float) -> None:
+        if ids:
+            with self.transaction():  # executemany alone would commit every row
+                self.db.executemany(
+                    "INSERT INTO outbox (sub_id, marked) VALUES (?, ?) ON CONFLICT(sub_id) "
+                    "DO UPDATE SET marked=MAX(marked, excluded.marked)",
+                    [(i, marked) for i in ids])
+
+    def clear_due(self, done: list[tuple[str, float]]) -> None:
+        """``(id, rendered)``: a NOTIFY rendered at ``rendered`` went; a mark made later
+        stays."""
+        if done:
+            with self.transaction():
+                self.db.executemany("DELETE FROM outbox WHERE sub_id=? AND marked<=?", done)
+
+    def load_due(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT sub_id FROM outbox")}
 
     def load_subscriptions(self) -> list[Subscription]:
         out = []

@@ -160,6 +160,8 @@ class EventsFeature:
         self.owner = new_owner()
         self._finals: dict[str, Subscription] = {}  # terminated, their last NOTIFY queued
         self._failures: dict[str, int] = {}  # transport failures in a row
+        # outbox rows to delete: (id, when the NOTIFY that settles them was rendered)
+        self._due_done: list[tuple[str, float]] = []
         self._pump_handle: asyncio.Handle | None = None
         self._wake: asyncio.TimerHandle | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -259,12 +261,13 @@ class EventsFeature:
         """Open the store in its own thread at once (a SUBSCRIBE that comes before it is open
         waits behind the opening); what it holds is read there too."""
         path = self.cfg["database"] or os.path.join(self.state_dir, "events.db")
-        found = self._found = {"subs": [], "approvals": {}}
+        found = self._found = {"subs": [], "approvals": {}, "due": set()}
 
         def opener() -> EventStore:
             st = EventStore(path)
             found["subs"] = st.load_subscriptions()
             found["approvals"] = st.load_state("approvals")
+            found["due"] = st.load_due()
             return st
 
         self._path = path
@@ -293,12 +296,15 @@ class EventsFeature:
                     await pkg.start()
                 except Exception:  # noqa: BLE001 - one package's state must not stop the rest
                     log.exception("restoring the state of %s failed", pkg.event)
-        self._restore(found.pop("subs", []))
+        self._restore(found.pop("subs", []), found.pop("due", set()))
         self.ready = True
 
-    def _restore(self, subs: list[Subscription]) -> None:
+    def _restore(self, subs: list[Subscription], due: set[str] = frozenset()) -> None:
+        """Take back the stored subscriptions; those with an outbox row (a state change
+        whose NOTIFY had not gone through when we stopped) get it now."""
         now = time.time()
         dead: list[str] = []
+        owed = 0
         for sub in subs:
             pkg = self.packages.get(sub.package)
             if pkg is None or not pkg.enabled or sub.expires_at <= now:
@@ -310,6 +316,12 @@ class EventsFeature:
                 continue
             self.table.add(sub)
             pkg.on_subscribed(sub)
+            if sub.id in due:
+                self.sched.mark(sub.id, now, interval=pkg.interval)
+                owed += 1
+        if owed:
+            log.info("%d NOTIFY(s) owed from before the restart", owed)
+            self._kick()
         if dead and self.store is not None:
             self.engine.spawn(self.store.delete_subscriptions(dead), "dropping old subscriptions")
         if subs:
@@ -469,7 +481,7 @@ class EventsFeature:
         self.reserve.next_cseq(sub)  # reserve the first block before the row is written
         sub.cseq -= 1
         if self.store is not None:
-            await self.store.save_subscription(sub)
+            await self.store.save_subscription(sub, due=now)
         self.table.add(sub)
         self.engine.answer_now(msg)
         self.counters["subscribed"] += 1
@@ -478,7 +490,7 @@ class EventsFeature:
         log.info("%s subscribed to %s of %s for %ds (%s)", watcher, pkg.event, resource,
                  expires, decision)
         pkg.on_subscribed(sub)
-        self.mark(sub, urgent=True)
+        self.mark(sub, urgent=True, saved=True)
         self._arm_expiry()
         return True
 
@@ -511,10 +523,10 @@ class EventsFeature:
             return True
         self.table.reschedule(sub, now + expires)
         if self.store is not None:
-            await self.store.save_subscription(sub)
+            await self.store.save_subscription(sub, due=now)
         self.engine.answer_now(msg)
         self.counters["refreshed"] += 1
-        self.mark(sub, urgent=True)  # RFC 6665 §4.2.1.2: a refresh gets a NOTIFY too
+        self.mark(sub, urgent=True, saved=True)  # RFC 6665 §4.2.1.2: a refresh gets one too
         self._arm_expiry()
         return True
 
@@ -525,16 +537,23 @@ class EventsFeature:
         subs = self.table.watchers(package, resource)
         pkg = self.packages[package]
         now = time.time()
+        marked = []
         for sub in subs:
             if sub.state == ACTIVE:
                 self.sched.mark(sub.id, now, interval=pkg.interval)
-        if subs:
+                marked.append(sub.id)
+        if marked:
+            if self.store is not None:  # owed NOTIFYs as rows: a restart still sends them
+                self.engine.spawn(self.store.mark_due(marked, now), "outbox")
             self._kick()
         return len(subs)
 
-    def mark(self, sub: Subscription, urgent: bool = False) -> None:
-        self.sched.mark(sub.id, time.time(), urgent=urgent,
-                        interval=self.packages[sub.package].interval)
+    def mark(self, sub: Subscription, urgent: bool = False, saved: bool = False) -> None:
+        """``sub`` needs a NOTIFY; ``saved``: its outbox row is written already."""
+        now = time.time()
+        self.sched.mark(sub.id, now, urgent=urgent, interval=self.packages[sub.package].interval)
+        if not saved and self.store is not None:
+            self.engine.spawn(self.store.mark_due([sub.id], now), "outbox")
         self._kick()
 
     def _queue_final(self, sub: Subscription) -> None:
@@ -608,13 +627,14 @@ class EventsFeature:
             return
         pkg = self.packages.get(sub.package)
         code, error = 0, ""
+        rendered = 0.0
         try:
             marks_before = len(self.reserve.pending)
             cseq = self.reserve.next_cseq(sub)
             version = self.reserve.next_version(sub) if pkg is not None and pkg.numbered else 0
             if len(self.reserve.pending) > marks_before or self.reserve.pending:
                 await self._save_marks()
-            now = time.time()
+            now = rendered = time.time()
             body = ""
             if pkg is not None and sub.state != PENDING:
                 await pkg.prepare(sub)
@@ -648,6 +668,8 @@ class EventsFeature:
                 self._failures.pop(sid, None)
             self._kick()
             return
+        if result != nt.RETRY and result != nt.REMOVE and rendered:
+            self._settle_due(sid, rendered)
         if result == nt.OK:
             self._failures.pop(sid, None)
             self.counters["notify_ok"] += 1
@@ -663,6 +685,20 @@ class EventsFeature:
         else:
             self.counters[f"notify_{code or error or 'failed'}"] += 1
         self._kick()
+
+    def _settle_due(self, sid: str, rendered: float) -> None:
+        """The state as of ``rendered`` reached the subscriber (or it refused it for good
+        reasons of its own): its outbox row goes, in one write for all settled this tick."""
+        if self.store is None:
+            return
+        if not self._due_done:
+            asyncio.get_running_loop().call_soon(self._flush_due)
+        self._due_done.append((sid, rendered))
+
+    def _flush_due(self) -> None:
+        done, self._due_done = self._due_done, []
+        if done and self.store is not None:
+            self.engine.spawn(self.store.clear_due(done), "outbox")
 
     def _default_contact(self, sub: Subscription) -> str:
         base = self.cfg.get("contact") or f"sip:{sub.resource}"
