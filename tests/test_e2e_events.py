@@ -74,7 +74,7 @@ def test_subscribe_refusals(tmp_path: Path) -> None:
             r = await y.subscribe(sip_event="conference")
             assert r.get("code") == "489"
             assert set(r.get("osip_Allow-Events").split(", ")) == {
-                "presence", "dialog", "message-summary"}
+                "presence", "dialog", "message-summary", "presence.winfo"}
             assert (await y.subscribe(sip_event=None)).get("code") == "400"
             r = await y.subscribe(sip_expires="1")
             assert r.get("code") == "423" and r.get("osip_Min-Expires") == "60"

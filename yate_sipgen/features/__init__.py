@@ -17,11 +17,12 @@ def feature_classes() -> list[type]:
     from .presence import PresenceFeature
     from .dialog import DialogFeature
     from .mwi import MessageSummaryFeature
+    from .winfo import WatcherInfoFeature
     from .generic import GenericFeature
 
     # the events core first: the packages register with it in their setup()
     return [MessageFeature, EventsFeature, PresenceFeature, DialogFeature, MessageSummaryFeature,
-            GenericFeature]
+            WatcherInfoFeature, GenericFeature]
 
 
 def schema() -> Any:

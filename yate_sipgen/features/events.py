@@ -50,7 +50,8 @@ S = "events"
 CONFIG.docs[S] = (
     "SIP events (SUBSCRIBE/NOTIFY, RFC 6665): what every event package shares. Needs "
     "ysipchan.conf [methods] subscribe=... and [general] initial_headers=yes (for the Route "
-    "set). The packages have sections of their own: [presence], [dialog], [message-summary].")
+    "set). The packages have sections of their own: [presence], [dialog], [message-summary], "
+    "[winfo].")
 key(S, "enable", "bool", True,
     "Handle SIP SUBSCRIBE (sip.subscribe). Used only at start.")
 key(S, "priority", "int", 50,
@@ -86,11 +87,12 @@ key(S, "database", "path", "",
 
 
 def package_keys(decl: Declarations, section: str, doc: str, *, expires: int, watchers: str,
-                 min_interval: float = 0.0) -> None:
-    """Declare in ``decl`` the keys every package section has."""
+                 min_interval: float = 0.0, event: str = "") -> None:
+    """Declare in ``decl`` the keys every package section has (``event``: when the package's
+    name is not its section's)."""
     key = decl.key
     decl.docs[section] = doc
-    key(section, "enable", "bool", True, f"Serve Event: {section}. Used only at start.")
+    key(section, "enable", "bool", True, f"Serve Event: {event or section}. Used only at start.")
     key(section, "expires", "int", expires,
         "Subscription length in seconds when the SUBSCRIBE has no Expires (capped by [events] "
         "max_expires).", minimum=1, maximum=604800)
@@ -491,6 +493,7 @@ class EventsFeature:
                  expires, decision)
         pkg.on_subscribed(sub)
         self.mark(sub, urgent=True, saved=True)
+        self._watchers_changed(sub)
         self._arm_expiry()
         return True
 
@@ -519,6 +522,7 @@ class EventsFeature:
             self.engine.answer_now(msg)
             sub.state, sub.reason = TERMINATED, ""
             self._queue_final(sub)
+            self._watchers_changed(sub)
             self.counters["unsubscribed"] += 1
             return True
         self.table.reschedule(sub, now + expires)
@@ -556,6 +560,13 @@ class EventsFeature:
             self.engine.spawn(self.store.mark_due([sub.id], now), "outbox")
         self._kick()
 
+    def _watchers_changed(self, sub: Subscription) -> None:
+        """``sub`` began, was approved or ended: packages whose state is the watchers of its
+        package (presence.winfo) notify the watched user."""
+        for pkg in self.packages.values():
+            if pkg.enabled and getattr(pkg, "watches", "") == sub.package:
+                self.changed(pkg.event, sub.resource)
+
     def _queue_final(self, sub: Subscription) -> None:
         """Send ``sub``'s last NOTIFY (terminated) even though the subscription is gone."""
         fid = "final:" + sub.id
@@ -572,6 +583,7 @@ class EventsFeature:
         if self.store is not None:
             self.engine.spawn(self.store.delete_subscription(sub.id), "deleting a subscription")
         self._queue_final(sub)
+        self._watchers_changed(sub)
 
     # -- expiry -------------------------------------------------------------------------------
     def _arm_expiry(self) -> None:
@@ -595,6 +607,7 @@ class EventsFeature:
             log.info("subscription of %s to %s of %s expired", sub.subscriber, sub.package,
                      sub.resource)
             self._queue_final(sub)
+            self._watchers_changed(sub)
         if gone and self.store is not None:
             self.engine.spawn(self.store.delete_subscriptions([s.id for s in gone]),
                               "deleting expired subscriptions")
@@ -720,6 +733,7 @@ class EventsFeature:
         self._failures.pop(sub.id, None)
         if self.store is not None:
             self.engine.spawn(self.store.delete_subscription(sub.id), "deleting a subscription")
+        self._watchers_changed(sub)
 
     # -- console -------------------------------------------------------------------------------
     def cmd_subscriptions(self, args: list[str]) -> str:
@@ -764,6 +778,7 @@ class EventsFeature:
                 if decision == "allow" and sub.state == PENDING:
                     sub.state = ACTIVE
                     self.mark(sub, urgent=True)
+                    self._watchers_changed(sub)
                 elif decision == "deny":
                     self.end(sub, "rejected")
         verb = "approved" if decision == "allow" else "denied"
