@@ -48,7 +48,8 @@ def validate(text: str, max_bytes: int = 16384) -> ET.Element:
 def compose(entity: str, documents: list[str]) -> str:
     """What watchers of ``entity`` get: nothing published -> :func:`closed`; one document ->
     that document, byte for byte; several -> one PIDF document with every tuple and every other
-    element of all of them (in order), tuple ids made unique, one ``entity``."""
+    element of all of them (in order), ids made unique, one ``entity``, the namespaces kept
+    with readable prefixes (never ``ns0``)."""
     if not documents:
         return closed(entity)
     if len(documents) == 1:
@@ -57,13 +58,16 @@ def compose(entity: str, documents: list[str]) -> str:
     seen: set[str] = set()
     tuples: list[ET.Element] = []
     others: list[ET.Element] = []
+    prefixes: dict[str, str] = {}  # the publishers' own prefixes, for namespaces we do not know
     for doc in documents:
         try:
-            src = ET.fromstring(doc)
+            src = _parse_keeping_prefixes(doc, prefixes)
         except ET.ParseError:
             continue  # checked when published; a damaged stored row is skipped
         for child in list(src):
-            if child.tag == _T + "tuple":
+            is_tuple = child.tag == _T + "tuple"
+            if is_tuple or child.get("id") is not None:
+                # ids unique in the document: tuples (RFC 3863), persons and devices (RFC 4479)
                 tid = base = child.get("id") or "t"
                 n = 2
                 while tid in seen:
@@ -71,12 +75,82 @@ def compose(entity: str, documents: list[str]) -> str:
                     n += 1
                 seen.add(tid)
                 child.set("id", tid)
-                tuples.append(child)
-            else:
-                others.append(child)
+            (tuples if is_tuple else others).append(child)
     for child in tuples + others:  # RFC 3863 §4.1: tuples come first, then notes, extensions
         root.append(child)
-    return _HEAD + ET.tostring(root, encoding="unicode", default_namespace=NS)
+    return _HEAD + _serialize(root, prefixes)
+
+
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
+
+
+def _parse_keeping_prefixes(doc: str, prefixes: dict[str, str]) -> ET.Element:
+    """Parse ``doc``; note in ``prefixes`` (uri -> prefix) the prefixes it declares."""
+    parser = ET.XMLPullParser(events=("start-ns",))
+    parser.feed(doc)
+    parser.close()
+    for _, (prefix, uri) in parser.read_events():
+        if prefix and uri not in prefixes:
+            prefixes[uri] = prefix
+    return ET.fromstring(doc)
+
+
+def _serialize(root: ET.Element, seen: dict[str, str]) -> str:
+    """``root`` as text, with the PIDF namespace as the default one and every other namespace
+    declared once on the root under a readable prefix: the conventional one
+    (:data:`PREFIXES`), else the one its publisher used, else ``pN``. (ElementTree's own
+    writer names them ``ns0``... and cannot keep PIDF's unqualified attributes with a default
+    namespace.)"""
+    names: dict[str, str] = {}  # uri -> prefix, declared on the root
+    taken: set[str] = set()
+
+    def prefix_of(uri: str) -> str:
+        p = names.get(uri)
+        if p is None:
+            p = PREFIXES.get(uri) or seen.get(uri) or ("pidf" if uri == NS else "p")
+            base, n = p, 1
+            while p in taken or p.lower().startswith("xml"):
+                p = f"{base}{n}"
+                n += 1
+            names[uri] = p
+            taken.add(p)
+        return p
+
+    def qname(name: str, attribute: bool) -> str:
+        if name[:1] != "{":
+            return name
+        uri, _, local = name[1:].partition("}")
+        if uri == _XML_NS:
+            return "xml:" + local
+        if uri == NS and not attribute:  # the default namespace (never an attribute's)
+            return local
+        return f"{prefix_of(uri)}:{local}"
+
+    def start(e: ET.Element) -> str:
+        return "<" + qname(str(e.tag), False) + "".join(
+            f" {qname(k, True)}={quoteattr(_clean(v))}" for k, v in e.attrib.items())
+
+    def write(e: ET.Element, out: list[str]) -> None:
+        out.append(start(e))
+        if len(e) or e.text:
+            out.append(">")
+            if e.text:
+                out.append(escape(_clean(e.text)))
+            for child in e:
+                write(child, out)
+            out.append(f"</{qname(str(e.tag), False)}>")
+        else:
+            out.append("/>")
+        if e.tail:
+            out.append(escape(_clean(e.tail)))
+
+    inner: list[str] = []
+    for child in root:
+        write(child, inner)
+    head = start(root)  # after the children: every prefix is known now
+    decls = "".join(f" xmlns:{p}={quoteattr(uri)}" for uri, p in names.items())
+    tag = qname(str(root.tag), False)
+    return f'<{tag} xmlns="{NS}"{decls}{head[len(tag) + 1:]}>{"".join(inner)}</{tag}>'
 
 
 def open_or_closed(entity: str, is_open: bool, tuple_id: str = "sipgen",
