@@ -225,3 +225,24 @@ def test_composing_keeps_extensions_prefixes_and_makes_every_id_unique() -> None
     x = root.find(f"{PIDF}tuple/{{urn:x-foo}}x")
     assert x is not None and x.text == "a & b" and x.get("{urn:x-foo}a") == "1"
     assert x.get("{http://www.w3.org/XML/1998/namespace}lang") == "en"
+
+
+def test_dialog_info_version_continues_across_a_restart(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path) as y:
+            await y.subscribe(sip_event="dialog", sip_accept="application/dialog-info+xml")
+            await y.wait_notifies(1)
+            await y.fy.watch_notify("call.cdr", _cdr("sip/1", "update", "ringing",
+                                                     time.time(), "345"))
+            ns = await y.wait_notifies(2)
+            before = int(ET.fromstring(ns[1].get("xsip_body")).get("version"))
+            await y.fy.close_stdin(respawn=True)
+            await y.fy.wait_installed("sip.subscribe", 10)
+            await subscriptions_ready(y)
+            await y.fy.watch_notify("call.cdr", _cdr("sip/1", "update", "answered",
+                                                     time.time() + 1, "345"))
+            ns = await y.wait_notifies(3)
+            assert int(ET.fromstring(ns[2].get("xsip_body")).get("version")) > before
+            assert int(ns[2].get("sip_CSeq").split()[0]) > int(ns[1].get("sip_CSeq").split()[0])
+
+    run(scenario, timeout=40)
