@@ -10,6 +10,22 @@ from __future__ import annotations
 from typing import Any
 
 
+class BaseFeature:
+    """What a feature without a reload, counters or a lifecycle of its own leaves as it is."""
+
+    def reconfigure(self, cfg: Any) -> None:
+        pass
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
 def feature_classes() -> list[type]:
     # imported in this order: it is the order of the sections in sipgen.conf
     from .message import MessageFeature  # noqa: I001

@@ -16,12 +16,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from .. import config as config_mod
 from ..bodies import watcherinfo as wi
 from ..config import Declarations
 from ..events.package import EventPackage
 from ..events.subscription import PENDING, Subscription
 from ..sip import parse_name_addr
+from . import BaseFeature
 from .events import package_keys
 
 #: This module's sipgen.conf keys (assembled into the schema by features.schema()).
@@ -62,7 +62,7 @@ class WatcherInfoPackage(EventPackage):
                          self.watchers(sub.resource, time.time()))
 
 
-class WatcherInfoFeature:
+class WatcherInfoFeature(BaseFeature):
     name = "winfo"
     config = CONFIG
 
@@ -77,15 +77,3 @@ class WatcherInfoFeature:
             self.package.enabled = False
             return
         core.register(self.package)
-
-    def reconfigure(self, cfg: config_mod.Config) -> None:
-        pass
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
