@@ -72,16 +72,32 @@ def _dialog(d: Dialog, remote: bool) -> str:
     return "".join(out)
 
 
-def render(entity: str, version: int, dialogs: list[Dialog], *, remote_identities: bool = True,
-           single: bool = False) -> str:
-    """A full-state document (``state="full"``) at ``version`` for ``entity``'s dialogs; an
-    empty list is an idle user. ``single``: only the most important dialog."""
+_HEAD = f'<?xml version="1.0" encoding="UTF-8"?>\n<dialog-info xmlns="{NS}" version="'
+
+
+def template(entity: str, dialogs: list[Dialog], *, remote_identities: bool = True,
+             single: bool = False) -> tuple[str, str]:
+    """A full-state document (``state="full"``) for ``entity``'s dialogs, in two parts around
+    its ``version`` (which differs per subscription, RFC 4235 §4.1): ``before + str(version) +
+    after`` is the document (:func:`with_version`). An empty list is an idle user.
+    ``single``: only the most important dialog."""
     if single and dialogs:
         best = max(range(len(dialogs)), key=lambda i: (_WEIGHT[dialogs[i].state], i))
         dialogs = [dialogs[best]]
-    head = (f'<?xml version="1.0" encoding="UTF-8"?>\n<dialog-info xmlns="{NS}" '
-            f'version="{int(version)}" state="full"{_attr("entity", entity)}')
+    rest = f'" state="full"{_attr("entity", entity)}'
     if not dialogs:
-        return head + "/>"
-    return head + ">" + "".join(_dialog(d, remote_identities) for d in dialogs) + \
+        return _HEAD, rest + "/>"
+    return _HEAD, rest + ">" + "".join(_dialog(d, remote_identities) for d in dialogs) + \
         "</dialog-info>"
+
+
+def with_version(parts: tuple[str, str], version: int) -> str:
+    """The document of :func:`template` ``parts`` at ``version``."""
+    return parts[0] + str(int(version)) + parts[1]
+
+
+def render(entity: str, version: int, dialogs: list[Dialog], *, remote_identities: bool = True,
+           single: bool = False) -> str:
+    """The full-state document at ``version`` (see :func:`template`)."""
+    return with_version(template(entity, dialogs, remote_identities=remote_identities,
+                                 single=single), version)

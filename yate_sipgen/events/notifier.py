@@ -1,4 +1,5 @@
-"""Which NOTIFY goes next, what it looks like, and what its outcome means. No I/O.
+"""Which NOTIFY goes next, what it looks like, and what its outcome means. No I/O of its
+own (:func:`dispatch_notify` and :meth:`NotifyScheduler.run_job` await what they are given).
 
 Each NOTIFY is an ``xsip.generate`` with ``wait=true``, which holds one Yate engine worker until
 its SIP transaction ends (about 7.5 s for a dead UDP contact; Yate has 10 workers by default).
@@ -12,15 +13,23 @@ So:
 * urgent NOTIFYs (the first after a SUBSCRIBE or refresh, the final ``terminated``) go before
   state changes and are never paced;
 * state changes of a subscription are paced to one per ``interval`` seconds of its package
-  (RFC 3856 §6.6: presence at most once per 5 s).
+  (RFC 3856 §6.6: presence at most once per 5 s);
+* a NOTIFY that belongs to no subscription (unsolicited message-summary, RFC 3842) is a *job*
+  queued under an id of its own (:meth:`NotifyScheduler.mark_job`): the same cap, pacing and
+  coalescing apply, and the core runs the job instead of a subscription's NOTIFY.
 """
 
 from __future__ import annotations
 
 import heapq
+import logging
+import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
+from ..message import Message
 from .subscription import TERMINATED, Subscription
 
 #: NOTIFY answers after which the subscription is gone (RFC 6665 §4.2.2, RFC 5057 §5.1-5.2):
@@ -34,6 +43,8 @@ TRANSPORT_ERRORS = frozenset(("notransport", "noconn"))
 TRANSPORT_RETRIES = (2.0, 10.0, 30.0)
 
 OK, REMOVE, KEEP, RETRY = "ok", "remove", "keep", "retry"
+
+log = logging.getLogger("yate_sipgen.events")
 
 
 def outcome(code: int, error: str, transport_failures: int) -> str:
@@ -62,6 +73,8 @@ class NotifyScheduler:
         self.in_flight: set[str] = set()
         self._again: dict[str, bool] = {}  # marked while in flight -> urgent
         self._last: dict[str, float] = {}
+        #: id -> (what sends it, its pacing interval), for NOTIFYs of no subscription
+        self.jobs: dict[str, tuple[Callable[[], Awaitable[None]], float]] = {}
 
     def __len__(self) -> int:
         return len(self._queued) + len(self._due) + len(self._again)
@@ -120,6 +133,28 @@ class NotifyScheduler:
         again = self._again.pop(sid, None)
         if again is not None:
             self.mark(sid, now, urgent=again, interval=interval)
+        elif sid in self.jobs and sid not in self._queued and sid not in self._due:
+            del self.jobs[sid]  # nothing more to send under this id: keep nothing for it
+            del self._last[sid]
+
+    def mark_job(self, sid: str, job: Callable[[], Awaitable[None]], now: float,
+                 interval: float = 0.0) -> None:
+        """Queue a NOTIFY that belongs to no subscription: ``job()`` sends it when its turn
+        comes (cap and pacing as for a subscription's). Marked again before it went, it goes
+        once, with the newest ``job``; marked while in flight, once more afterwards."""
+        self.jobs[sid] = (job, interval)
+        self.mark(sid, now, interval=interval)
+
+    async def run_job(self, sid: str) -> None:
+        """Run the job of ``sid`` (an id :meth:`take` gave out), then :meth:`done`. A job
+        reports its own failures; one that raises is logged, never retried."""
+        job, interval = self.jobs[sid]
+        try:
+            await job()
+        except Exception:  # noqa: BLE001 - one job must not stop the queue
+            log.exception("NOTIFY job %s failed", sid)
+        finally:
+            self.done(sid, time.time(), interval)
 
     def retry_at(self, sid: str, when: float) -> None:
         """Send again at ``when`` (after a transport error)."""
@@ -179,4 +214,55 @@ def notify_params(sub: Subscription, now: float, cseq: int, content_type: str, b
     if body or sub.state != TERMINATED:
         p["xsip_type"] = content_type
         p["xsip_body"] = body
+    return p
+
+
+async def dispatch_notify(engine: Any, params: dict[str, str], timeout: float
+                          ) -> tuple[int, str]:
+    """Send one NOTIFY (``xsip.generate`` with ``params``) through ``engine``; Yate's
+    ``(code, error)``, as :func:`outcome` takes them: a timeout waiting for Yate is 408, the
+    connection to Yate gone ``noconn``, a message we could not even write 500."""
+    try:
+        answer = await engine.dispatch(Message("xsip.generate", params), timeout=timeout)
+    except DispatchTimeout:
+        return 408, ""
+    except DispatchCancelled:
+        return 0, "noconn"
+    except LocalProtocolError as e:
+        return 500, str(e)
+    c = answer.get("code") or ""
+    return (int(c) if c.isdigit() else 0), answer.get("error") or ""
+
+
+def unsolicited_params(*, event: str, uri: str, to_uri: str, from_uri: str, from_tag: str,
+                       call_id: str, content_type: str, body: str, host: str = "",
+                       port: str = "", connection_id: str = "", contact: str = "",
+                       trans_count: int = -1) -> dict[str, str]:
+    """The ``xsip.generate`` params of a NOTIFY outside any dialog (unsolicited
+    message-summary, RFC 3842): a new Call-ID, From our identity with a fresh tag, To the
+    user's AOR, Request-URI the registered contact, the next hop given explicitly.
+    ``Subscription-State: terminated``: RFC 6665 §8.2.3 wants the header in every NOTIFY, and
+    no subscription exists (what Asterisk's res_pjsip_mwi sends too). Every value must have
+    been checked by the caller (``header_safe``)."""
+    p = {
+        "method": "NOTIFY", "uri": uri, "wait": "true",
+        "sip_From": f"<{from_uri}>;tag={from_tag}",
+        "sip_To": f"<{to_uri}>",
+        "sip_Call-ID": call_id,
+        "sip_CSeq": "1 NOTIFY",
+        "sip_Event": event,
+        "sip_Subscription-State": "terminated",
+    }
+    if contact:
+        p["sip_Contact"] = contact
+    if host:
+        p["host"] = host
+        if port:
+            p["port"] = port
+    if connection_id:
+        p["connection_id"] = connection_id
+    if trans_count >= 0:
+        p["xsip_trans_count"] = str(trans_count)
+    p["xsip_type"] = content_type
+    p["xsip_body"] = body
     return p

@@ -2,20 +2,32 @@
 may watch whom, and how its document for one resource is rendered.
 
 A package module (``features/presence.py``, ``features/dialog.py``, ...) subclasses
-:class:`EventPackage`, calls :meth:`EventsCore.changed` when its state changes, and renders in
-:meth:`body`. The core does the rest: the RFC 6665 dialog, Expires, Accept, persistence,
-expiry, the NOTIFY queue.
+:class:`EventPackage`, calls :meth:`EventPackage.changed` when a resource's state changes, and
+renders in :meth:`EventPackage.document`. The core does the rest: the RFC 6665 dialog, Expires,
+Accept, persistence, expiry, the NOTIFY queue.
+
+Each document is rendered once per resource state, not once per watcher: :meth:`body` keeps
+what :meth:`document` returned per (resource, :meth:`variant`) until the resource changes (the
+core's ``changed`` drops it; :meth:`invalidate` for state that changes without a NOTIFY), and
+:meth:`finish` adds what differs per NOTIFY (dialog-info's ``version``) to the shared
+rendering. A PUBLISH to a presentity with 10,000 watchers renders its document once.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Hashable
 from typing import Any
 
 from .subscription import ACTIVE, PENDING, Subscription
 
 #: Who may subscribe to a resource (``[<package>] watchers``).
 WATCH_POLICIES = ("self", "domain", "authenticated", "any", "approve")
+#: Resources whose rendered documents are kept at most (oldest dropped first): a fan-out needs
+#: only the one being sent; the bound keeps 100,000 quiet subscriptions from holding 100,000
+#: documents.
+MAX_RENDERED = 4096
+_MISSING = object()
 
 
 class EventPackage:
@@ -33,11 +45,14 @@ class EventPackage:
         self.core: Any = None
         self.cfg: dict[str, Any] = {}
         self.enabled = True
+        # resource -> variant -> what document() returned (until the resource changes)
+        self._rendered: dict[str, dict[Hashable, Any]] = {}
 
     # -- configuration ------------------------------------------------------------------
     def configure(self, section: dict[str, Any]) -> None:
         self.cfg = section
         self.enabled = bool(section.get("enable", True))
+        self._rendered.clear()  # the knobs a document depends on may have changed
 
     @property
     def default_expires(self) -> int:
@@ -80,8 +95,46 @@ class EventPackage:
 
     # -- state ----------------------------------------------------------------------------
     def body(self, sub: Subscription, version: int) -> str:
-        """The document for ``sub``'s resource now (``version``: for numbered packages)."""
+        """The document for ``sub``'s resource now (``version``: for numbered packages),
+        rendered once for every subscription of the same resource and :meth:`variant`."""
+        return self.finish(self.rendered(sub.resource, self.variant(sub)), version)
+
+    def rendered(self, resource: str, variant: Hashable = None) -> Any:
+        """:meth:`document` of ``resource``, from the cache while its state is unchanged."""
+        docs = self._rendered.get(resource)
+        if docs is None:
+            cache = self._rendered
+            if len(cache) >= MAX_RENDERED:
+                del cache[next(iter(cache))]
+            docs = cache[resource] = {}
+        doc = docs.get(variant, _MISSING)
+        if doc is _MISSING:
+            doc = docs[variant] = self.document(resource, variant)
+        return doc
+
+    def variant(self, sub: Subscription) -> Hashable:
+        """What of ``sub`` changes its document besides the resource's state (a filter, a
+        per-subscriber knob); subscriptions with the same variant share one rendering."""
+        return None
+
+    def document(self, resource: str, variant: Hashable) -> Any:
+        """Render ``resource``'s document now; anything :meth:`finish` turns into the body."""
         raise NotImplementedError
+
+    def finish(self, doc: Any, version: int) -> str:
+        """The body of one NOTIFY from the shared rendering (dialog-info adds its version)."""
+        return doc
+
+    def invalidate(self, resource: str) -> None:
+        """Forget ``resource``'s renderings (the core's ``changed`` calls this too)."""
+        self._rendered.pop(resource, None)
+
+    def changed(self, resource: str) -> None:
+        """``resource``'s state changed: render anew and NOTIFY its watchers."""
+        if self.core is not None:
+            self.core.changed(self.event, resource)
+        else:
+            self.invalidate(resource)
 
     def map_resource(self, user: str, host: str, watcher: str) -> str | None:
         """The resource a SUBSCRIBE to ``user@host`` by ``watcher`` is for, when it is not

@@ -24,7 +24,6 @@ from .. import config as config_mod
 from ..bodies import dialog_info as di
 from ..config import Declarations
 from ..events.package import EventPackage
-from ..events.subscription import Subscription
 from ..message import Message
 from .events import package_keys
 
@@ -62,15 +61,19 @@ class DialogPackage(EventPackage):
         super().__init__()
         # resource -> chan -> (dialog, rank, time)
         self.calls: dict[str, dict[str, tuple[di.Dialog, int, float]]] = {}
-        self._cache: dict[str, list[di.Dialog]] = {}
 
     def dialogs(self, resource: str) -> list[di.Dialog]:
         return [d for d, _, _ in self.calls.get(resource, {}).values()]
 
-    def body(self, sub: Subscription, version: int) -> str:
-        return di.render(sub.resource_uri, version, self.dialogs(sub.resource),
-                         remote_identities=bool(self.cfg.get("remote_identity", True)),
-                         single=bool(self.cfg.get("single_dialog", False)))
+    def document(self, resource: str, variant: Any) -> tuple[str, str]:
+        """The document without its version, once per change of the user's calls; each
+        NOTIFY puts its subscription's own version in (:meth:`finish`)."""
+        return di.template(f"sip:{resource}", self.dialogs(resource),
+                           remote_identities=bool(self.cfg.get("remote_identity", True)),
+                           single=bool(self.cfg.get("single_dialog", False)))
+
+    def finish(self, doc: tuple[str, str], version: int) -> str:
+        return di.with_version(doc, version)
 
     def status(self) -> dict[str, Any]:
         return {"calls": sum(len(v) for v in self.calls.values())}
@@ -169,7 +172,7 @@ class DialogFeature:
             return
         legs[chan] = (dialog, rank, when)
         self.counters[state] += 1
-        self.core.changed(self.package.event, resource)
+        self.package.changed(resource)
         if state == "terminated":
             import asyncio
             asyncio.get_running_loop().call_later(LINGER, self._forget, resource, chan)
@@ -181,4 +184,4 @@ class DialogFeature:
         del legs[chan]
         if not legs:
             del self.package.calls[resource]
-        self.core.changed(self.package.event, resource)
+        self.package.changed(resource)

@@ -540,6 +540,7 @@ class EventsFeature:
         Returns how many subscriptions were marked."""
         subs = self.table.watchers(package, resource)
         pkg = self.packages[package]
+        pkg.invalidate(resource)  # its document is rendered anew, once for all its watchers
         now = time.time()
         marked = []
         for sub in subs:
@@ -632,6 +633,10 @@ class EventsFeature:
                                                                self._pump)
 
     async def _send(self, sid: str) -> None:
+        if sid in self.sched.jobs:  # a NOTIFY of no subscription (unsolicited message-summary)
+            await self.sched.run_job(sid)
+            self._kick()
+            return
         final = sid.startswith("final:")
         sub = self._finals.get(sid) if final else self.table.get(sid)
         if sub is None:

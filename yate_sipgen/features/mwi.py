@@ -11,21 +11,33 @@ Counts per mailbox (``user@domain``), from what a Yate actually sends:
 The last counts are kept in the event store, so the first NOTIFY after a SUBSCRIBE or a restart
 tells the truth. A SUBSCRIBE to a voicemail number (``mailbox_numbers``, e.g. ``*97``) or to
 ``<mailbox_prefix><user>`` (e.g. ``vm-123``) is for the subscriber's own or that user's mailbox.
+
+With ``unsolicited``, phones that never subscribe (Polycom, Cisco, Yealink set up for it) get
+the lamp anyway: an out-of-dialog NOTIFY (RFC 3842 allows one without a subscription) to each
+registered contact of the user, after each REGISTER when there is something to tell (counts
+known, or instant messages stored) and whenever the counts change; never to a user who has a
+message-summary subscription of their own (that one gets the in-dialog NOTIFY). The bindings
+are the MESSAGE feature's view of ``user.register`` (:mod:`.registrations`), the NOTIFY goes
+through the core's queue (its cap on NOTIFYs in flight, coalescing per contact), and one that
+fails is logged and counted, never retried: the next REGISTER or change sends the lamp again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from .. import config as config_mod
 from ..bodies import message_summary as ms
 from ..config import Declarations
+from ..events.notifier import dispatch_notify, unsolicited_params
 from ..events.package import EventPackage
 from ..events.subscription import Subscription
 from ..message import Message
-from ..sip import parse_uri
+from ..sip import HeaderValueError, header_safe, new_call_id, new_tag, parse_uri
 from .events import package_keys
+from .registrations import Binding, Registrations
 
 log = logging.getLogger("yate_sipgen.mwi")
 
@@ -48,6 +60,27 @@ key(S, "account", "str", "",
     "sip:<user>@<domain>.")
 key(S, "text_messages", "bool", True,
     "Report the user's stored (not yet delivered) instant messages as Text-Message counts.")
+key(S, "unsolicited", "bool", False,
+    "Also light the lamp of registered phones that do not subscribe (unsolicited NOTIFY, for "
+    "phones set up to expect it: Polycom, Cisco, Yealink): to every contact the user "
+    "registered, after each REGISTER when the user's counts are known or instant messages are "
+    "stored for them (a user Yate never gave counts for gets nothing), and whenever the counts "
+    "change. Never to a user with a message-summary subscription of their own. A failed one is "
+    "counted (mwi.unsolicited_failed), not retried.")
+
+#: Characters that may not stand in a URI we put between < and > in a header of our own.
+_URI_UNSAFE = frozenset('<>" \t')
+
+
+def _safe_uri(text: str) -> str | None:
+    """``text`` if it is a SIP URI that can go into a header as ``<text>``, else None."""
+    try:
+        header_safe(text)
+    except HeaderValueError:
+        return None
+    if not text or _URI_UNSAFE.intersection(text) or parse_uri(text) is None:
+        return None
+    return text
 
 
 def _count(value: str | None) -> int | None:
@@ -76,20 +109,32 @@ class MessageSummaryPackage(EventPackage):
         return None
 
     async def prepare(self, sub: Subscription) -> None:
-        if self.cfg.get("text_messages"):
-            await self.core.count_texts(sub.resource)
+        await self.count_texts(sub.resource)
 
-    def body(self, sub: Subscription, version: int) -> str:
-        user, _, domain = sub.resource.rpartition("@")
+    async def count_texts(self, resource: str) -> None:
+        """Count ``resource``'s stored instant messages (``text_messages``); a new count is a
+        new document (the store changes without telling us)."""
+        if self.cfg.get("text_messages"):
+            before = self.core.text_counts(resource)
+            await self.core.count_texts(resource)
+            if self.core.text_counts(resource) != before:
+                self.invalidate(resource)
+
+    def account(self, resource: str) -> str:
+        """The Message-Account URI of ``resource``'s mailbox."""
+        user, _, domain = resource.rpartition("@")
         tmpl = self.cfg.get("account") or "sip:${user}@${domain}"
-        account = tmpl.replace("${user}", user).replace("${domain}", domain)
-        counts = self.counts.get(sub.resource, ms.Counts())
-        texts = self.core.text_counts(sub.resource) if self.cfg.get("text_messages") else 0
+        return tmpl.replace("${user}", user).replace("${domain}", domain)
+
+    def document(self, resource: str, variant: Any) -> str:
+        """The same summary for every watcher of the mailbox (and its unsolicited NOTIFYs)."""
+        counts = self.counts.get(resource, ms.Counts())
+        texts = self.core.text_counts(resource) if self.cfg.get("text_messages") else 0
         if texts:
             counts = ms.Counts(counts.voice_new, counts.voice_old, counts.voice_urgent_new,
                                counts.voice_urgent_old, text_new=texts)
         try:
-            return ms.render(account, counts)
+            return ms.render(self.account(resource), counts)
         except ValueError:
             return ms.render("", counts)  # a bad account template: leave the line out
 
@@ -114,6 +159,7 @@ class MessageSummaryFeature:
     def __init__(self) -> None:
         self.package = MessageSummaryPackage()
         self.core: Any = None
+        self.registrations: Registrations | None = None  # with unsolicited: who is where
 
     @classmethod
     def yate_notes(cls, cfg: config_mod.Config) -> list[str]:
@@ -134,12 +180,26 @@ class MessageSummaryFeature:
         app.console.command("mwi", "<user@domain> <new> <old>",
                             "set a user's voicemail counts (the message-waiting lamp)")(
             self.cmd_mwi)
+        if cfg[S]["unsolicited"]:
+            self._observe_registrations(app)
+
+    def _observe_registrations(self, app: Any) -> None:
+        """Use the MESSAGE feature's table of bindings (fed by its user.register watch);
+        feed it ourselves only when that feature is off and nothing else does."""
+        regs = getattr(app.feature("message"), "registrations", None)
+        if regs is None:
+            regs = Registrations(self.core.user_key)
+        regs.observe(app.engine)
+        regs.listen(self.on_registered)
+        self.registrations = regs
 
     def reconfigure(self, cfg: config_mod.Config) -> None:
         pass
 
     def status(self) -> dict[str, Any]:
-        return {}
+        if self.registrations is None:
+            return {}
+        return {"mwi_unsolicited_sent": self.counters["unsolicited_sent"]}
 
     async def start(self) -> None:
         pass  # the package's start runs inside the core's, once the store is open
@@ -158,8 +218,75 @@ class MessageSummaryFeature:
         if self.core.store is not None:
             await self.core.store.set_state(pkg.event, resource, ms.render("", counts))
         self.counters["updates"] += 1
-        self.core.changed(pkg.event, resource)
+        pkg.changed(resource)
+        if self.registrations is not None:
+            self.unsolicited(resource, self.registrations.bindings(resource))
         return True
+
+    # -- unsolicited NOTIFYs ------------------------------------------------------------
+    def on_registered(self, key: str, binding: Binding) -> None:
+        """A REGISTER Yate accepted (the registrations table's listener)."""
+        pkg = self.package
+        if not pkg.enabled or not self.core.ready:  # counts are known once the core started
+            return
+        if key in pkg.counts or pkg.cfg.get("text_messages"):  # else: nothing to tell
+            self.app.engine.spawn(self._after_register(key, binding),
+                                  f"unsolicited MWI to {key}")
+
+    async def _after_register(self, key: str, binding: Binding) -> None:
+        pkg = self.package
+        await pkg.count_texts(key)
+        if key in pkg.counts or (pkg.cfg.get("text_messages") and self.core.text_counts(key)):
+            self.unsolicited(key, [binding])
+
+    def subscribed(self, key: str) -> bool:
+        """Has ``key`` a message-summary subscription of their own (then no unsolicited)?"""
+        return any(s.subscriber == key for s in self.core.table.watchers(self.package.event, key))
+
+    def unsolicited(self, key: str, bindings: list[Binding]) -> int:
+        """Queue an unsolicited NOTIFY of ``key``'s mailbox to each of ``bindings`` (one per
+        contact at a time: a newer change before it left is sent instead); how many."""
+        if not bindings or self.subscribed(key):
+            return 0
+        sched, now = self.core.sched, time.time()
+        for b in bindings:
+            async def job(b: Binding = b) -> None:
+                await self._send_unsolicited(key, b)
+            sched.mark_job(f"mwi:{key} {b.target.callto}", job, now, self.package.interval)
+        self.core._kick()  # the core's NOTIFY pump: the job waits its turn under the cap
+        return len(bindings)
+
+    async def _send_unsolicited(self, key: str, b: Binding) -> None:
+        """One unsolicited NOTIFY, with the mailbox as it is when its turn comes."""
+        pkg, core = self.package, self.core
+        if self.subscribed(key):
+            return  # it subscribed meanwhile: the in-dialog NOTIFY tells it
+        uri, aor = _safe_uri(b.target.uri), _safe_uri(f"sip:{key}")
+        if uri is None or aor is None:
+            self.counters["unsolicited_invalid"] += 1
+            log.warning("no unsolicited NOTIFY to %r for %r: not a usable URI",
+                        b.target.callto, key)
+            return
+        await pkg.count_texts(key)
+        contact = core.cfg.get("contact") or ""
+        stream = b.transport in ("TCP", "TLS")
+        params = unsolicited_params(
+            event=pkg.event, uri=uri, to_uri=aor, from_uri=_safe_uri(pkg.account(key)) or aor,
+            from_tag=new_tag(), call_id=new_call_id(key.rpartition("@")[2]),
+            content_type=pkg.content_types[0], body=pkg.rendered(key),
+            # TCP/TLS: the REGISTER's connection; UDP: where it came from (NAT)
+            host="" if stream else b.host, port="" if stream else b.port,
+            connection_id=b.target.connection_id if stream else "",
+            contact=f"<{contact}>" if _safe_uri(contact) else "",
+            trans_count=core.cfg.get("trans_count", -1))
+        code, error = await dispatch_notify(self.app.engine, params,
+                                            core.cfg.get("notify_timeout", 40))
+        if 200 <= code < 300:
+            self.counters["unsolicited_sent"] += 1
+            return
+        self.counters["unsolicited_failed"] += 1
+        log.info("unsolicited NOTIFY of %s's mailbox to %s failed: %s (not retried)", key, uri,
+                 code or error or "no answer")
 
     def _resource(self, msg: Message, *names: str) -> str | None:
         for n in names:

@@ -26,7 +26,7 @@ from ..config import Declarations
 from ..events.package import EventPackage
 from ..events.publication import INITIAL, MODIFY, REFRESH, REMOVE, PublicationTable, new_etag
 from ..events.store import Publication
-from ..events.subscription import SubscribeError, Subscription, negotiate_expires, parse_event
+from ..events.subscription import SubscribeError, negotiate_expires, parse_event
 from ..message import Message
 from ..sip import media_type, parse_uri
 from .events import package_keys, refuse
@@ -69,17 +69,11 @@ class PresencePackage(EventPackage):
     def __init__(self) -> None:
         super().__init__()
         self.pubs = PublicationTable()
-        self._cache: dict[str, str] = {}  # resource -> rendered document (until it changes)
         self.registered: dict[str, float] = {}  # user@domain -> registration expiry
         self.feature: Any = None  # the PresenceFeature serving PUBLISH (its expiry timer)
 
-    def body(self, sub: Subscription, version: int) -> str:
-        doc = self._cache.get(sub.resource)
-        if doc is None:
-            doc = self._cache[sub.resource] = self.render(sub.resource)
-        return doc
-
-    def render(self, resource: str) -> str:
+    def document(self, resource: str, variant: Any) -> str:
+        """The same PIDF for every watcher: rendered once per change (:meth:`changed`)."""
         entity = f"sip:{resource}"
         docs = [p.body for p in self.pubs.of(self.event, resource)]
         if docs:
@@ -87,11 +81,6 @@ class PresencePackage(EventPackage):
         if self.cfg.get("from_registrations"):
             return pidf.open_or_closed(entity, self.registered.get(resource, 0) > time.time())
         return pidf.closed(entity)
-
-    def changed(self, resource: str) -> None:
-        self._cache.pop(resource, None)
-        if self.core is not None:
-            self.core.changed(self.event, resource)
 
     def status(self) -> dict[str, Any]:
         return {"publications": len(self.pubs)}

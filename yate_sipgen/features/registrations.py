@@ -14,31 +14,68 @@ online. The table is a cache, never the truth:
   lives on until it expires: a delivery to it then fails and the MESSAGE is stored, as for any
   unreachable phone;
 * it starts empty: after a start, users are routed by Yate until they register again.
+
+Other features use the same table rather than a second one: :meth:`Registrations.listen` tells
+them of each REGISTER recorded (unsolicited MWI), :meth:`Registrations.bindings` lists a
+user's contacts, and :meth:`Registrations.observe` feeds the table from Yate's messages only
+when no watcher does already (the MESSAGE feature's, when it is on).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from ..message import Message
 from ..sip import parse_uri
 from .delivery import Target
 
+log = logging.getLogger("yate_sipgen.registrations")
+
 #: Longest binding we believe without a refresh, whatever ``expires`` says (seconds).
 MAX_EXPIRES = 86400
 
 
-class Registrations:
-    """``user@domain`` -> live bindings (contact callto -> (target, expires at))."""
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One registered contact: the target, and where its REGISTER came from (``ip_host``,
+    ``ip_port``, ``ip_transport``): the next hop of a request to it, as behind NAT the
+    Contact itself may be unreachable."""
 
-    __slots__ = ("_by_user", "_key", "_clock")
+    target: Target
+    host: str = ""
+    port: str = ""
+    transport: str = ""
+
+
+class Registrations:
+    """``user@domain`` -> live bindings (contact callto -> (binding, expires at))."""
+
+    __slots__ = ("_by_user", "_key", "_clock", "_listeners")
 
     def __init__(self, key: Callable[[str, str], str],
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._key = key  # (user, host) -> the user's key (domain aliases applied)
         self._clock = clock
-        self._by_user: dict[str, dict[str, tuple[Target, float]]] = {}
+        self._by_user: dict[str, dict[str, tuple[Binding, float]]] = {}
+        self._listeners: list[Callable[[str, Binding], Any]] = []
+
+    def listen(self, func: Callable[[str, Binding], Any]) -> None:
+        """Call ``func(key, binding)`` for every REGISTER recorded (not for one that ends a
+        binding with ``expires=0``)."""
+        self._listeners.append(func)
+
+    def observe(self, engine: Any) -> None:
+        """Feed this table from ``user.register``/``user.unregister``, unless a watcher of
+        the engine does already (one observation of Yate's registrations serves all)."""
+        if any(getattr(f, "__self__", None) is self
+               for f in engine.watchers.get("user.unregister", ())):
+            return
+        engine.watcher("user.register")(self.registered)
+        engine.watcher("user.unregister")(self.unregistered)
 
     def __len__(self) -> int:
         return len(self._by_user)
@@ -68,7 +105,14 @@ class Registrations:
         if secs <= 0:
             bindings.pop(data, None)
         else:
-            bindings[data] = (target, self._clock() + secs)
+            binding = Binding(target, msg.get("ip_host") or "", msg.get("ip_port") or "",
+                              (msg.get("ip_transport") or "").upper())
+            bindings[data] = (binding, self._clock() + secs)
+            for func in self._listeners:
+                try:
+                    func(key, binding)
+                except Exception:  # noqa: BLE001 - a listener must not stop the others
+                    log.exception("registration listener failed")
         if not bindings:
             del self._by_user[key]
         return key, target
@@ -96,7 +140,8 @@ class Registrations:
     def drop_connection(self, conn: str) -> None:
         for key in list(self._by_user):
             bindings = self._by_user[key]
-            for data in [d for d, (t, _) in bindings.items() if t.connection_id == conn]:
+            for data in [d for d, (b, _) in bindings.items()
+                         if b.target.connection_id == conn]:
                 del bindings[data]
             if not bindings:
                 del self._by_user[key]
@@ -114,11 +159,23 @@ class Registrations:
                 if not bindings:
                     del self._by_user[key]
                 return None
-        ((target, until),) = bindings.values()
+        ((binding, until),) = bindings.values()
         if until <= now:
             del self._by_user[key]
             return None
-        return target
+        return binding.target
+
+    def bindings(self, key: str) -> list[Binding]:
+        """Every live binding of ``key`` (expired ones dropped)."""
+        bindings = self._by_user.get(key)
+        if bindings is None:
+            return []
+        now = self._clock()
+        for data in [d for d, (_, until) in bindings.items() if until <= now]:
+            del bindings[data]
+        if not bindings:
+            del self._by_user[key]
+        return [b for b, _ in bindings.values()]
 
     def clear(self) -> None:
         self._by_user.clear()
