@@ -39,6 +39,7 @@ from ..sip import (HeaderValueError, format_name_addr, header_safe, parse_name_a
                    parse_uri)
 from ..store import AsyncStore, new_owner
 from .domains import Domains
+from .identity import requester, trusted_lines
 
 log = logging.getLogger("yate_sipgen.events")
 
@@ -172,6 +173,7 @@ class EventsFeature:
         self.ready = False  # the store is read and every package has its state back
         self._texts: dict[str, int] = {}
         self.domains = Domains()
+        self.trusted: frozenset[str] = frozenset()  # [message] trusted_lines
 
     # -- registration of packages (called by their features' setup) ---------------------------
     def register(self, package: EventPackage) -> None:
@@ -246,6 +248,7 @@ class EventsFeature:
         self.sched.max_in_flight = self.cfg["max_in_flight"]
         msg_cfg = cfg["message"]
         self.domains = Domains.from_config(msg_cfg)
+        self.trusted = trusted_lines(msg_cfg["trusted_lines"])  # the lines MESSAGE trusts
         for pkg in self.packages.values():
             pkg.configure(dict(cfg[pkg.section]))
 
@@ -442,16 +445,13 @@ class EventsFeature:
             raise SubscribeError(400, "From without a tag")
         if not call_id:
             raise SubscribeError(400, "no Call-ID")
-        username = msg.get("username") or ""
-        if self.auth_required and not username and not msg.get("in_line"):
-            raise SubscribeError(403, "not authenticated ([events] auth=required)")
-        watcher_user = username or frm.uri.user
-        if username and frm.uri.user and frm.uri.user != username:
-            watcher_user = username  # the identity Yate checked, not the one claimed
-        watcher = self.user_key(watcher_user, frm.uri.host)
+        # the identity Yate checked (a username over a different From user), or a trusted line's
+        who = requester(msg, frm, self.trusted, self.auth_required, True,
+                        "[events] auth=required")
+        watcher = self.user_key(who.user, frm.uri.host)
         resource = pkg.map_resource(ruri.user, ruri.host, watcher) or \
             self.user_key(ruri.user, ruri.host)
-        decision = pkg.may_watch(watcher, resource, bool(username))
+        decision = pkg.may_watch(watcher, resource, who.vouched)
         if isinstance(decision, int):
             raise SubscribeError(decision, f"{watcher} may not watch {resource} ({pkg.event})")
         fields = self._dialog_fields(msg)
@@ -467,7 +467,7 @@ class EventsFeature:
             resource_uri=f"sip:{resource}", subscriber=watcher, call_id=call_id,
             local_tag=msg.get("xsip_dlgtag") or secrets.token_hex(6),
             local_uri=local_uri, remote=remote, content_type=ctype, state=decision,
-            expires_at=now + expires, authenticated=bool(username), owner=self.owner,
+            expires_at=now + expires, authenticated=who.vouched, owner=self.owner,
             runid=self.runid, **fields)
         sub.contact = self._contact(msg, ruri.user, ruri)
         msg["osip_Expires"] = str(expires)

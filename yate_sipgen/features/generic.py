@@ -24,6 +24,7 @@ from ..message import Message
 from ..sip import header_safe, parse_name_addr, parse_uri
 from ..events.subscription import parse_event
 from .delivery import Target, parse_route
+from .identity import requester
 
 log = logging.getLogger("yate_sipgen.generic")
 
@@ -144,8 +145,11 @@ class GenericFeature:
                 return self._answer(msg, 200, "REFER progress in a call")
             if to is not None and to.tag:
                 return self._answer(msg, 481, "in-dialog NOTIFY of no subscription of ours")
-            if ev is not None and ev.package == "check-sync" and not msg.get("username"):
-                return self._answer(msg, 403, "unauthenticated check-sync")
+            if ev is not None and ev.package == "check-sync":
+                mf = self.app.feature("message")  # its [message] trusted_lines
+                trusted = mf.cfg.get("_trusted", frozenset()) if mf is not None else frozenset()
+                if not requester(msg, None, trusted).vouched:
+                    return self._answer(msg, 403, "unauthenticated check-sync")
         policy = self.policies.get(method, 405)
         if policy != "relay":
             return self._answer(msg, int(policy), "fixed policy")

@@ -13,14 +13,17 @@ Replaces the regexroute recipe (which answers 200 whatever happens). Paths:
 
 Every answer is a SIP code in ``code`` (handled=true): an unhandled ``sip.message`` would become
 405 (reference §2.3).
+
+This module is the flow (answer modes, routing, live delivery racing the answer deadline); the
+policy it applies is shared with the event packages: who sends (:mod:`.identity`), the checks
+of the request (:mod:`.validation`), the sender's rate (:mod:`.ratelimit`); the store and
+forward is :mod:`.offline`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,14 +32,16 @@ from .. import config as config_mod
 from ..config import Declarations
 from ..errors import DispatchCancelled, DispatchTimeout
 from ..message import Message
-from ..protocol import escaped_size, max_line_for, MAX_BUFSIZE
 from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
                    new_call_id, new_tag, parse_name_addr, parse_uri)
-from ..store import AsyncStore, SQLiteMessageStore, owner_is_dead
+from ..store import AsyncStore
 from .domains import Domains
+from .identity import requester, trusted_lines
+from .offline import OfflineStore
+from .ratelimit import RateLimiter
 from .registrations import Registrations
-from .delivery import (STORE_WORTHY, CountGate, Deliverer, Outgoing, Route, Target,
-                       parse_route)
+from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target, parse_route
+from .validation import Refusal, hops as _hops, too_big, unsupported_media
 
 log = logging.getLogger("yate_sipgen.message")
 
@@ -143,7 +148,6 @@ key(S, "route_offline_priority", "int", 150,
     "Priority of that call.route handler: after regfile/regexroute (100).", minimum=101,
     maximum=10000)
 
-ISCOMPOSING = "application/im-iscomposing+xml"
 #: _deliver_live: the message's stored copy was delivered with the user's backlog.
 SENT_FROM_STORE = -2
 #: _deliver_live: the queue for the recipient would outlast the answer deadline.
@@ -151,9 +155,6 @@ SPILL = -3
 NEVER_AUTO_ANSWER = ("application/im-iscomposing+xml", "message/imdn+xml")
 #: Margin kept before the answer deadline to store the message and answer 202.
 STORE_RESERVE = 0.5
-#: Room on the onward line for everything but the body (headers, params, id).
-LINE_OVERHEAD = 3072
-_ONWARD_ROOM = max_line_for(MAX_BUFSIZE) - LINE_OVERHEAD
 _BODY_PARAMS = ("xsip_body.", "xsip_type.", "xsip_body_encoding.")
 
 
@@ -189,20 +190,6 @@ class Inbound:
     media: str
 
 
-def _hops(msg: Message) -> int:
-    """Hops left (Yate's ``antiloop``, from Max-Forwards); 20 when absent or not a number."""
-    antiloop = msg.get("antiloop", "")
-    return int(antiloop) if antiloop.lstrip("-").isdigit() else 20
-
-
-class _Bucket:
-    __slots__ = ("tokens", "stamp")
-
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
-
-
 class MessageFeature:
     name = "message"
     config = CONFIG
@@ -213,18 +200,18 @@ class MessageFeature:
         self.engine: Any = None
         self.counters: Any = None
         self.deliverer: Deliverer | None = None
-        self.store: AsyncStore | None = None
-        self._buckets: dict[str, _Bucket] = {}
+        self.offline: OfflineStore | None = None  # the store and forward (from setup)
+        self.limiter = RateLimiter()
         self.domains = Domains()
         self._live = 0
-        self._scanner: asyncio.Task[None] | None = None
-        self._started = False
-        self._scan_gate = CountGate(self.SCAN_PARALLEL)
-        self._scanning: set[str] = set()
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
-        self._opening: asyncio.Task[None] | None = None
         self.state_dir = ""
+
+    @property
+    def store(self) -> AsyncStore | None:
+        """The message store (None while storing is off or not set up)."""
+        return self.offline.store if self.offline is not None else None
 
     # -- --check support ------------------------------------------------------------------
     @classmethod
@@ -309,11 +296,14 @@ class MessageFeature:
         self.registrations = Registrations(self.user_key)
         m = app.config["message"]
         self.state_dir = app.config["general"]["state_dir"]
+        self.offline = OfflineStore(self.engine, self.counters, self.deliverer,
+                                    self.registrations, self.canonical_key, self.submit,
+                                    self.state_dir)
         if not m["enable"]:
             return
         self.engine.add_handler("sip.message", self.on_sip_message, priority=m["priority"],
                                 owner="message", inline=True)
-        self.engine.watcher("user.register")(self.on_register)
+        self.engine.watcher("user.register")(self.offline.on_register)
         self.engine.watcher("user.unregister")(self.registrations.unregistered)
         if m["msg_execute"]:
             self.engine.add_handler("msg.execute", self.on_msg_execute,
@@ -325,14 +315,17 @@ class MessageFeature:
                                         filter=("route_type", "msg"), owner="message")
         app.console.command("messages", "[user@domain] | purge <user@domain|all>",
                             "list stored messages, or delete them",
-                            complete=self._complete_messages)(self.cmd_messages)
+                            complete=self.offline.complete_messages)(
+            self.offline.cmd_messages)
 
     def reconfigure(self, cfg: config_mod.Config) -> None:
         self.cfg = dict(cfg["message"])
         self.cfg["_types"] = {t.lower() for t in self.cfg["content_types"]}
         self.domains = Domains.from_config(self.cfg)
-        self.cfg["_trusted"] = set(self.cfg["trusted_lines"])
+        self.cfg["_trusted"] = trusted_lines(self.cfg["trusted_lines"])
+        self.cfg["_auth_required"] = self.cfg["auth"] == "required"
         self.cfg["_accept"] = ", ".join(self.cfg["content_types"])
+        self.limiter.configure(self.cfg["sender_rate"], self.cfg["sender_burst"])
         d = self.deliverer
         d.configure(max_concurrent=self.cfg["max_concurrent"],
                     delivery_timeout=float(self.cfg["delivery_timeout"]),
@@ -340,10 +333,7 @@ class MessageFeature:
                     retry_max=float(self.cfg["retry_max"]),
                     other_targets=self.cfg["other_targets"])
         d.route_timeout = min(self.engine.dispatch_timeout, 5.0)
-        if self._started and self.store is None and self.cfg["store"] and self.cfg["enable"]:
-            self._open_store()  # store=true after a reload: open it now
-        elif self.store is not None and self.store.is_open:
-            self.engine.spawn(self._rekey(self.store), "re-keying stored messages")
+        self.offline.configure(self.cfg)
 
     def status(self) -> dict[str, Any]:
         c = self.counters
@@ -354,69 +344,13 @@ class MessageFeature:
                 "msg_queued": len(self.deliverer.backlog) if self.deliverer else 0,
                 "msg_inprogress": self._live}
 
-    def _open_store(self) -> None:
-        """Start opening the store in its own thread; the event loop goes on meanwhile.
-
-        Calls made before it is open queue behind the opening (one store thread), so a
-        MESSAGE or REGISTER that comes right after a (re)start is served once it is open. A
-        database locked by another process (SQLite waits up to 10 s) is reported after 1 s.
-        """
-        if not self.cfg.get("enable") or not self.cfg.get("store"):
-            return
-        path = self.cfg["database"] or os.path.join(self.state_dir, "messages.db")
-        found: dict[str, Any] = {}
-
-        def opener() -> SQLiteMessageStore:
-            # all in the store's thread, before any call queued behind the opening: what
-            # it finds is exactly what the previous run left
-            store = SQLiteMessageStore(path)
-            found["freed"] = store.recover_leases(owner_is_dead)
-            found["moved"] = store.rekey(self.canonical_key)
-            found["users"] = store.users()
-            return store
-
-        self.store = AsyncStore(opener)
-        self.deliverer.store = self.store
-        self._opening = self.engine.spawn(self._store_opened(self.store, path, found),
-                                          "opening the message store")
-
-    async def _store_opened(self, store: AsyncStore, path: str, found: dict[str, Any]) -> None:
-        loop = asyncio.get_running_loop()
-        slow = loop.call_later(1.0, lambda: log.warning(
-            "message store %s is still opening after 1 s (locked by another process?); "
-            "messages that need it wait for it", path))
-        try:
-            await store.opened()
-        except Exception as e:
-            log.error("cannot open message store %s: %s; storing is off", path, e)
-            if self.store is store:
-                self.store = None
-                self.deliverer.store = None
-            return
-        finally:
-            slow.cancel()
-        freed, moved, users = found["freed"], found["moved"], found["users"]
-        if freed:
-            log.info("released %d stored message(s) leased by a process that is gone", freed)
-        if moved:
-            log.info("moved %d stored message(s) to their users' main domain", moved)
-        self.deliverer.backlog.update(users)
-        if users:
-            log.info("%d users have stored messages; trying to deliver", len(users))
-        if self._scanner is None:
-            self._scanner = self.engine.spawn(self._scan_loop(users), "stored message scanner")
-
     async def start(self) -> None:
-        self._started = True
-        if not self.cfg.get("enable"):
-            return
-        if not self.cfg["domains"]:
+        if self.cfg.get("enable") and not self.cfg["domains"]:
             log.warning("[message] domains is empty: every Request-URI host is treated as ours")
-        self._open_store()
+        self.offline.start()
 
     async def close(self) -> None:
-        if self._scanner:
-            self._scanner.cancel()
+        self.offline.close()
 
     # -- the sip.message path -----------------------------------------------------------------
     def _reject(self, msg: Message, code: int, why: str, **headers: str) -> bool:
@@ -427,6 +361,9 @@ class MessageFeature:
         log.info("MESSAGE from %s to %s rejected %d: %s", msg.get("caller", "?"),
                  msg.get("sip_uri", "?"), code, why)
         return True
+
+    def _refuse(self, msg: Message, e: Refusal) -> bool:
+        return self._reject(msg, e.code, e.reason, **e.headers)
 
     async def on_sip_message(self, msg: Message) -> bool:
         c = self.counters
@@ -441,27 +378,25 @@ class MessageFeature:
             return await self._in_call(msg, hops)
         if header_param(msg.get("sip_to", ""), "tag"):
             return self._reject(msg, 481, "To tag of no known dialog")
-        inb = self._inbound(msg, hops)
-        if isinstance(inb, int):
-            return True  # already rejected
+        try:
+            inb = self._inbound(msg, hops)
+        except Refusal as e:
+            return self._refuse(msg, e)
         log.info("Got SIP MESSAGE from %s to %s (%s, %d bytes)", inb.out.sender, inb.out.user,
                  inb.out.content_type, len(inb.out.body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("MESSAGE body for %s: %s", inb.out.user, inb.out.body)
         return await self._relay(msg, inb, None)
 
-    def _inbound(self, msg: Message, hops: int) -> Inbound | int:
+    def _inbound(self, msg: Message, hops: int) -> Inbound:
+        """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse."""
         cfg = self.cfg
         get = msg.get
         xtype = get("xsip_type") or ""
         ctype_full = get("sip_content-type") or xtype
         media = media_type(xtype or ctype_full)
-        if not media:
-            self._reject(msg, 415, "no content type", Accept=cfg["_accept"])
-            return 415
-        if media not in cfg["_types"]:
-            self._reject(msg, 415, f"content type {media}", Accept=cfg["_accept"])
-            return 415
+        if media not in cfg["_types"]:  # "" (no type) is never in it
+            raise unsupported_media(media, cfg["_accept"])
         body = get("xsip_body") or ""
         # other body parts and body headers (multipart, Content-Disposition): rare, so one
         # search of the names decides whether to look for them
@@ -469,75 +404,44 @@ class MessageFeature:
             extra = {k: v for k, v in msg.items() if k.startswith(_BODY_PARAMS)}
         else:
             extra = {}
-        too_big = self._too_big(body, extra)
-        if too_big:
-            self._reject(msg, 413, too_big)
-            return 413
+        why = too_big(body, extra, cfg["max_body"])
+        if why:
+            raise Refusal(413, why)
         # who sends
         frm = parse_name_addr(get("sip_from") or "")
         if frm is None:
-            self._reject(msg, 400, "unparsable From")
-            return 400
-        username = msg.get("username", "")
-        in_line = msg.get("in_line", "")
-        trusted_line = bool(in_line) and ("*" in cfg["_trusted"] or in_line in cfg["_trusted"])
-        sender_user = frm.uri.user or msg.get("caller", "")
-        if not username and not trusted_line and cfg["auth"] == "required":
-            self._reject(msg, 403, "not authenticated (auth=required)")
-            return 403
-        if (username and not trusted_line and sender_user != username
-                and not cfg["allow_from_mismatch"]):
-            self._reject(msg, 403, f"From user {sender_user} is not the authenticated {username}")
-            return 403
-        if username and not trusted_line:
-            sender_user = username
+            raise Refusal(400, "unparsable From")
+        sender = requester(msg, frm, cfg["_trusted"], cfg["_auth_required"],
+                           cfg["allow_from_mismatch"])
+        sender_user = sender.user
         # to whom
-        ruri = parse_uri(msg.get("sip_uri", ""))
-        if ruri is None or not (ruri.user or msg.get("called")):
-            self._reject(msg, 404 if ruri else 400, "no recipient in the Request-URI")
-            return 404 if ruri else 400
-        rcpt_user = ruri.user or msg.get("called", "")
+        ruri = parse_uri(get("sip_uri") or "")
+        if ruri is None or not (ruri.user or get("called")):
+            raise Refusal(404 if ruri else 400, "no recipient in the Request-URI")
+        rcpt_user = ruri.user or get("called") or ""
         foreign = self.domains.is_foreign(ruri.host)
-        if foreign and not (cfg["relay_foreign"] and (username or trusted_line)):
-            self._reject(msg, 403, f"{ruri.host} is not a domain we serve")
-            return 403
+        if foreign and not (cfg["relay_foreign"] and sender.vouched):
+            raise Refusal(403, f"{ruri.host} is not a domain we serve")
         try:
-            display = frm.display or msg.get("callername", "")
+            display = frm.display or get("callername") or ""
             from_uri = f"sip:{sender_user}@{frm.uri.host}" + (
                 f":{frm.uri.port}" if frm.uri.port else "")
             from_hdr = format_name_addr(from_uri, display)
             to_hdr = format_name_addr(f"sip:{rcpt_user}@{ruri.host}")
             header_safe(ctype_full)
         except HeaderValueError as e:
-            self._reject(msg, 400, str(e))
-            return 400
+            raise Refusal(400, str(e)) from None
         out = Outgoing(user=self.user_key(rcpt_user, ruri.host), sender=f"{sender_user}@{frm.uri.host}",
                        from_hdr=from_hdr, to_hdr=to_hdr, content_type=ctype_full, body=body,
-                       body_encoding=msg.get("xsip_body_encoding", ""), extra=extra,
+                       body_encoding=get("xsip_body_encoding") or "", extra=extra,
                        call_id=new_call_id(), from_tag=new_tag(), received=time.time(),
                        antiloop=hops - 1 if hops > 1 else 1, caller=sender_user,
                        called=rcpt_user,
-                       notify_sender=self._may_notify(msg, frm, media,
-                                                      bool(username or trusted_line)))
+                       notify_sender=self._may_notify(msg, frm, media, sender.vouched))
         if hops - 1 <= 0:
-            self._reject(msg, 483, "no hop left to forward")
-            return 483
+            raise Refusal(483, "no hop left to forward")
         return Inbound(out, rcpt_user, ruri.host, sender_user, frm.uri.host,
-                       bool(username), foreign, media)
-
-    def _too_big(self, body: str, extra: dict[str, str]) -> str:
-        """Why the body cannot be taken (413), or "": over ``max_body`` bytes, or too big for
-        the line it must travel on to Yate once escaped."""
-        size = len(body) if body.isascii() else len(body.encode("utf-8", "surrogateescape"))
-        if extra:
-            size += sum(len(v) for v in extra.values())
-        if size > self.cfg["max_body"]:
-            return f"body of {size} bytes"
-        if 3 * size > _ONWARD_ROOM:  # escaping can at most triple it: measure only then
-            onward = escaped_size(body) + sum(escaped_size(v) for v in extra.values())
-            if onward > _ONWARD_ROOM:
-                return f"body of {size} bytes ({onward} once escaped)"
-        return ""
+                       sender.authenticated, foreign, media)
 
     def user_key(self, user: str, host: str) -> str:
         """The ``user@domain`` a recipient is stored and delivered under (see
@@ -546,14 +450,6 @@ class MessageFeature:
 
     def canonical_key(self, key: str) -> str:
         return self.domains.canonical_key(key)
-
-    async def _rekey(self, store: AsyncStore) -> None:
-        """After a reload changed the domains: move stored rows and the backlog with them."""
-        moved = await store.rekey(self.canonical_key)
-        if moved:
-            d = self.deliverer
-            d.backlog = {self.canonical_key(k) for k in d.backlog}
-            log.info("moved %d stored message(s) to their users' main domain", moved)
 
     def serves(self, host: str) -> bool:
         """Is ``host`` one of our domains (always, when ``domains`` is empty)?"""
@@ -566,7 +462,7 @@ class MessageFeature:
             if frm is None:
                 return True
         return not self._may_notify(msg, frm, media_type(msg.get("xsip_type") or ""),
-                                    bool(msg.get("username") or msg.get("in_line")))
+                                    requester(msg, frm, self.cfg["_trusted"]).vouched)
 
     def _may_notify(self, msg: Message, frm: Any, media: str, authenticated: bool) -> bool:
         """May an automatic sender of ours (notices) ever write back to this sender? Never to
@@ -583,27 +479,11 @@ class MessageFeature:
 
     def _over_rate(self, msg: Message, sender: str) -> bool:
         """Answer 503 with Retry-After (and say True) when ``sender`` is over its rate."""
-        if self._rate_ok(sender):
+        if self.limiter.allow(sender):
             return False
-        retry = max(1, math.ceil(1.0 / self.cfg["sender_rate"]))
-        return self._reject(msg, 503, f"sender {sender} over its rate", Retry_After=str(retry))
-
-    def _rate_ok(self, sender: str) -> bool:
-        now = time.monotonic()
-        rate, burst = self.cfg["sender_rate"], self.cfg["sender_burst"]
-        b = self._buckets.get(sender)
-        if b is None:
-            if len(self._buckets) > 10000:
-                self._buckets = {k: v for k, v in self._buckets.items()
-                                 if v.tokens + (now - v.stamp) * rate < burst}
-            b = self._buckets[sender] = _Bucket(float(burst), now)
-        b.tokens = min(float(burst), b.tokens + (now - b.stamp) * rate)
-        b.stamp = now
-        if b.tokens < 1.0:
-            self.counters["rate_limited"] += 1
-            return False
-        b.tokens -= 1.0
-        return True
+        self.counters["rate_limited"] += 1
+        return self._reject(msg, 503, f"sender {sender} over its rate",
+                            Retry_After=str(self.limiter.retry_after()))
 
     #: Params of the sender's MESSAGE forwarded in our call.route, for routers that look at
     #: them (regexroute rules on ${username}, ${ip_host}, ...).
@@ -617,16 +497,6 @@ class MessageFeature:
         return self.deliverer.route_request(
             inb.rcpt_user, inb.rcpt_host, params, timeout=max(timeout, 0.05),
             forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "")
-
-    async def _route_key(self, user: str) -> Route:
-        """Route a stored message's recipient (``user@domain``) for a retry run."""
-        u, _, host = user.rpartition("@")
-        try:
-            return await self.deliverer.route(u, host, {"caller": "", "called": u,
-                                                        "called_domain": host,
-                                                        "module": "sipgen"})
-        except (DispatchTimeout, DispatchCancelled):
-            return Route([], 480, offline=True)
 
     async def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
         """The sender's rate, then the answer mode, then delivery; shared by both set-ups."""
@@ -674,7 +544,7 @@ class MessageFeature:
                 code = await self._deliver_live(msg, out, route.targets, state, inb.media)
                 if code == SPILL:
                     state.spilling = True  # the deadline watch must not store it twice
-                    if await self._store(out, inb.media):
+                    if await self.offline.add(out, inb.media):
                         self.counters["spilled"] += 1
                         return self._answer(msg, 202)
                     # cannot be stored (limits) and the queue would outlast the deadline:
@@ -693,7 +563,7 @@ class MessageFeature:
             self.counters["delivered"] += 1
             return self._answer(msg, code)
         if code == -1 or code in STORE_WORTHY or route.offline:
-            if await self._store(out, inb.media):
+            if await self.offline.add(out, inb.media):
                 return self._answer(msg, 202)
         return self._answer(msg, self._failure_code(code, route))
 
@@ -733,7 +603,8 @@ class MessageFeature:
         user = out.user
         users = d.users
         had_backlog = user in d.backlog  # stored before we came: those go first
-        if spill and users.locked(user) and not msg.answered and self._storable(out, media):
+        if (spill and users.locked(user) and not msg.answered
+                and self.offline.storable(out, media)):
             ahead = users.queued(user) + 1
             budget = msg.deadline - STORE_RESERVE - self.engine.now()
             if ahead >= self.MAX_QUEUE or (ahead + 1) * d.delivery_time > budget:
@@ -743,7 +614,7 @@ class MessageFeature:
             await users.wait(user, waiter)
         reached = False  # the recipient took a message just now
         try:
-            if user in d.backlog and self.store is not None and (
+            if user in d.backlog and self.offline.store is not None and (
                     had_backlog or state.storing is not None):
                 if state.storing is not None:
                     await state.storing  # our own copy must be in the store, or not, for sure
@@ -765,16 +636,8 @@ class MessageFeature:
                 self.engine.spawn(d.flush_user(user, targets, None, due_only=False),
                                   f"stored delivery to {user}")
 
-    def _storable(self, out: Outgoing, media: str) -> bool:
-        """Could ``out`` be stored at all (limits aside)?"""
-        return (self.store is not None and self.store.is_open and self.cfg["store"]
-                and media != ISCOMPOSING and not out.auto)
-
     #: Messages waiting for one recipient before later ones are stored at once (202).
     MAX_QUEUE = 200
-
-    #: Stored-message retry runs at once (each starts with a call.route lookup).
-    SCAN_PARALLEL = 20
 
     #: How often live deliveries are checked against their answer deadlines (seconds).
     DEADLINE_TICK = 0.1
@@ -809,7 +672,7 @@ class MessageFeature:
                                  state: "_LiveState") -> None:
         self.counters["deadline"] += 1
         lease_until = time.time() + self.deliverer.lease
-        stored = await self._store(out, media, lease_until=lease_until)
+        stored = await self.offline.add(out, media, lease_until=lease_until)
         if stored:
             state.stored_id = out.stored_id
             self._answer(msg, 202)
@@ -822,51 +685,21 @@ class MessageFeature:
     async def _settle_late(self, out: Outgoing, state: "_LiveState", code: int,
                            route: Route) -> None:
         """The live attempt ended after we stored a copy: never leave both to be sent."""
-        if not state.stored_id or self.store is None or code == SENT_FROM_STORE:
+        offline = self.offline
+        store = offline.store
+        if not state.stored_id or store is None or code == SENT_FROM_STORE:
             return
         if 200 <= code < 300:
-            await self.store.delete(state.stored_id)
+            await store.delete(state.stored_id)
             self.counters["delivered"] += 1
             self.counters["stored"] -= 1
-            await self._forget_if_empty(out.user)
+            await offline.forget_if_empty(out.user)
         elif not route.targets and not route.offline and route.code not in STORE_WORTHY:
-            await self.store.delete(state.stored_id)  # no such user after all
+            await store.delete(state.stored_id)  # no such user after all
             self.counters["stored"] -= 1
-            await self._forget_if_empty(out.user)
+            await offline.forget_if_empty(out.user)
         else:
-            await self.store.release(state.stored_id, 1, time.time() + self.deliverer.backoff(1))
-
-    async def _forget_if_empty(self, user: str) -> None:
-        if self.store is not None and not await self.store.count(user):
-            self.deliverer.backlog.discard(user)
-
-    async def _store(self, out: Outgoing, media: str, lease_until: float = 0.0) -> bool:
-        """Store durably (committed before we answer 202); False when we may not."""
-        cfg = self.cfg
-        if self.store is None or not cfg["store"] or media == ISCOMPOSING or out.auto:
-            return False
-        if await self.store.count(out.user) >= cfg["max_per_user"]:
-            self.counters["store_full"] += 1
-            log.warning("not storing for %s: %d stored messages is the per-user limit",
-                        out.user, cfg["max_per_user"])
-            return False
-        if await self.store.count() >= cfg["max_total"]:
-            self.counters["store_full"] += 1
-            log.warning("not storing for %s: the store is full (%d)", out.user,
-                        cfg["max_total"])
-            return False
-        row = out.to_stored(out.received + cfg["expire"])
-        row.next_try = time.time() + self.deliverer.retry_min
-        try:
-            out.stored_id = await self.store.add(
-                row, self.deliverer.owner if lease_until else "", lease_until)
-        except Exception as e:
-            log.error("storing a message for %s failed: %s", out.user, e)
-            return False
-        self.deliverer.backlog.add(out.user)
-        self.counters["stored"] += 1
-        log.info("stored message %d for %s (offline or unreachable)", out.stored_id, out.user)
-        return True
+            await store.release(state.stored_id, 1, time.time() + self.deliverer.backoff(1))
 
     # -- in-call MESSAGE ------------------------------------------------------------------
     async def _in_call(self, msg: Message, hops: int) -> bool:
@@ -874,12 +707,11 @@ class MessageFeature:
         if not peer:
             return self._reject(msg, 481, "call has no other party")
         media = media_type(msg.get("xsip_type", ""))
-        if not media or media not in self.cfg["_types"]:
-            return self._reject(msg, 415, f"content type {media or '(none)'}",
-                                Accept=self.cfg["_accept"])
-        too_big = self._too_big(msg.get("xsip_body", ""), {})
-        if too_big:
-            return self._reject(msg, 413, too_big)
+        if media not in self.cfg["_types"]:
+            return self._refuse(msg, unsupported_media(media, self.cfg["_accept"]))
+        why = too_big(msg.get("xsip_body", ""), {}, self.cfg["max_body"])
+        if why:
+            return self._reject(msg, 413, why)
         if peer.startswith("sip/"):
             m = Message("xsip.generate", {"method": "MESSAGE", "id": peer, "wait": "true",
                                           "antiloop": str(max(hops - 1, 1)),
@@ -908,7 +740,7 @@ class MessageFeature:
     # -- recipe compatibility -------------------------------------------------------------
     def _lateroute(self, msg: Message) -> bool:
         if not msg.get("xsip_type"):
-            return self._reject(msg, 415, "no content type", Accept=self.cfg["_accept"])
+            return self._refuse(msg, unsupported_media("", self.cfg["_accept"]))
         caller, called = msg.get("caller", ""), msg.get("called", "")
         domain = msg.get("domain", "")
         m = Message("msg.execute", {"callto": f"lateroute/{called}", "caller": caller,
@@ -932,15 +764,17 @@ class MessageFeature:
         hops = _hops(msg)
         if hops <= 0:
             return self._reject(msg, 483, "antiloop exhausted")
-        inb = self._inbound(msg, hops)
-        if isinstance(inb, int):
-            return True
+        try:
+            inb = self._inbound(msg, hops)
+        except Refusal as e:
+            return self._refuse(msg, e)
         log.info("Got SIP MESSAGE from %s to %s via Yate's routing (%s)", inb.out.sender,
                  inb.out.user, callto)
         if callto.startswith("sipgen/store/"):
             if self._over_rate(msg, inb.out.sender):
                 return True
-            return self._answer(msg, 202 if await self._store(inb.out, inb.media) else 480)
+            stored = await self.offline.add(inb.out, inb.media)
+            return self._answer(msg, 202 if stored else 480)
         target = Target(callto, msg.get("oconnection_id") or "")
         return await self._relay(msg, inb, Route([target]))
 
@@ -955,93 +789,7 @@ class MessageFeature:
         del msg["error"]
         return True
 
-    # -- store and forward ----------------------------------------------------------------
-    def on_register(self, msg: Message) -> None:
-        """A registration: deliver the user's stored messages to the contact just registered.
-
-        The user is ``username`` (or ``number``) at the REGISTER's Request-URI host, mapped
-        to its main domain (``domain_aliases``): registering at an address of ours and being
-        messaged at our name is the same user.
-        """
-        bound = self.registrations.registered(msg)
-        if bound is None or self.store is None:
-            return
-        keyname, target = bound
-        opening = self._opening
-        if opening is not None and not opening.done():
-            # right after a start the backlog is known only once the store is open
-            self.engine.spawn(self._registered_after_open(opening, keyname, target),
-                              f"stored delivery to {keyname}")
-            return
-        self._registered(keyname, target)
-
-    async def _registered_after_open(self, opening: "asyncio.Task[None]", keyname: str,
-                                     target: Target) -> None:
-        await asyncio.shield(opening)
-        self._registered(keyname, target)
-
-    def _registered(self, keyname: str, target: Target) -> None:
-        if keyname not in self.deliverer.backlog:
-            return
-        log.info("%s registered with stored messages: delivering to %s", keyname, target.uri)
-        self.engine.spawn(self.deliverer.flush_user(keyname, [target], None, due_only=False),
-                          f"stored delivery to {keyname}")
-
-    async def _scan_loop(self, initial: list[str]) -> None:
-        """Retries and expiry every ``scan_interval``; first, at once, every user the previous
-        run left messages for (they may have registered meanwhile)."""
-        first: list[str] | None = initial
-        while True:
-            try:
-                await self._scan(first)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("stored message scan failed")
-            first = None
-            await asyncio.sleep(self.cfg["scan_interval"])
-
-    async def _scan(self, initial: list[str] | None = None) -> None:
-        store = self.store
-        now = time.time()
-        expired = await store.take_expired(now)
-        for row in expired:
-            self.counters["expired"] += 1
-            log.info("stored message %d for %s expired undelivered", row.id, row.user)
-            if self.cfg["expiry_notice"] and row.notify_sender:
-                self.engine.spawn(self._notice(row), "expiry notice")
-        for user in {row.user for row in expired}:
-            await self._forget_if_empty(user)
-        users = initial if initial is not None else await store.users_due(now)
-        for user in users:
-            if self.deliverer.users.locked(user) or user in self._scanning:
-                continue
-            self._scanning.add(user)
-            self.engine.spawn(self._scan_user(user, due_only=initial is None),
-                              f"stored delivery to {user}")
-
-    async def _scan_user(self, user: str, due_only: bool) -> None:
-        """One retry run, at most SCAN_PARALLEL at once: a start with thousands of users
-        with stored messages must not flood Yate with call.route lookups."""
-        waiter = self._scan_gate.enter()
-        try:
-            if waiter is not None:
-                await self._scan_gate.wait(waiter)
-            try:
-                await self.deliverer.flush_user(user, None, self._route_key, due_only=due_only)
-            finally:
-                self._scan_gate.leave()
-        finally:
-            self._scanning.discard(user)
-
-    async def _notice(self, row: Any) -> None:
-        sender_user, _, sender_host = row.sender.rpartition("@")
-        text = (f"Your message to {row.user} of "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(row.received))} "
-                "could not be delivered and has expired.")
-        await self.submit(f"{self.cfg['notice_from']}@{sender_host}", row.sender,
-                          "text/plain;charset=utf-8", text)
-
+    # -- automatic messages -------------------------------------------------------------
     async def submit(self, sender: str, recipient: str, content_type: str, body: str,
                      display: str = "") -> int:
         """Send an automatic MESSAGE (a notice, a service's reply). Never stored; returns the
@@ -1062,38 +810,6 @@ class MessageFeature:
         if not route.targets:
             return route.code or 480
         return await self.deliverer.send(out, route.targets)
-
-    # -- console ----------------------------------------------------------------------------
-    def _complete_messages(self, words: list[str]) -> list[str]:
-        if not words:
-            return ["purge"] + sorted(self.deliverer.backlog)
-        if words == ["purge"]:
-            return ["all"] + sorted(self.deliverer.backlog)
-        return []
-
-    async def cmd_messages(self, args: list[str]) -> str:
-        if self.store is None:
-            return "Message store is off ([message] store=false or not opened).\r\n"
-        if args[:1] == ["purge"]:
-            if len(args) != 2:
-                return "Usage: messages purge <user@domain|all>\r\n"
-            who = None if args[1] == "all" else args[1]
-            n = await self.store.purge(who)
-            if who is None:
-                self.deliverer.backlog.clear()
-            else:
-                self.deliverer.backlog.discard(who)
-            return f"Purged {n} stored message(s).\r\n"
-        who = args[0] if args else None
-        rows = await self.store.list(who)
-        if not rows:
-            return "No stored messages.\r\n"
-        lines = [f"{'id':>6} {'to':<28} {'from':<28} {'age':>7} {'tries':>5} type"]
-        now = time.time()
-        for r in rows:
-            lines.append(f"{r.id:>6} {r.user:<28} {r.sender:<28} {int(now - r.received):>6}s "
-                         f"{r.attempts:>5} {r.content_type} ({len(r.body)} bytes)")
-        return "\r\n".join(lines) + "\r\n"
 
 
 @dataclass(slots=True)

@@ -28,8 +28,9 @@ from ..events.publication import INITIAL, MODIFY, REFRESH, REMOVE, PublicationTa
 from ..events.store import Publication
 from ..events.subscription import SubscribeError, negotiate_expires, parse_event
 from ..message import Message
-from ..sip import media_type, parse_uri
+from ..sip import media_type, parse_name_addr, parse_uri
 from .events import package_keys, refuse
+from .identity import requester
 
 log = logging.getLogger("yate_sipgen.presence")
 
@@ -187,13 +188,13 @@ class PresenceFeature:
         if not core.serves(ruri.host):
             raise SubscribeError(403, f"{ruri.host} is not a domain we serve")
         resource = core.user_key(ruri.user, ruri.host)
-        username = msg.get("username") or ""
         rule = self.cfg["publishers"]
-        if rule == "self" and username != ruri.user:
-            raise SubscribeError(403, f"{username or 'an unauthenticated sender'} may not "
-                                 f"publish the presence of {resource}")
-        if rule == "authenticated" and not username:
-            raise SubscribeError(403, "not authenticated")
+        if rule != "any":  # self, authenticated: someone must vouch for the publisher
+            who = requester(msg, parse_name_addr(msg.get("sip_from") or ""), core.trusted,
+                            True, True, f"[presence] publishers={rule}")
+            if rule == "self" and who.user != ruri.user:
+                raise SubscribeError(403, f"{who.user} may not publish the presence of "
+                                     f"{resource}")
         body = msg.get("xsip_body") or ""
         if body:
             ctype = media_type(msg.get("xsip_type") or msg.get("sip_content-type") or "")
