@@ -59,8 +59,8 @@ key(S, "priority", "int", 50,
     "Priority of our sip.subscribe handler: below 100, so it comes before Yate's own "
     "sipfeatures module (better: do not load sipfeatures).", minimum=0, maximum=1000)
 key(S, "auth", "choice", "required",
-    "required: only SUBSCRIBEs Yate authenticated (ysipchan.conf [methods] subscribe=yes) may "
-    "watch others; optional: unauthenticated watchers are judged by the package rules alone "
+    "required: only SUBSCRIBEs Yate authenticated (ysipchan.conf [methods] subscribe=yes) or "
+    "that came from one of [message] trusted_lines may watch others; optional: unauthenticated watchers are judged by the package rules alone "
     "(with subscribe=no Yate authenticates nobody).", choices=("required", "optional"))
 key(S, "min_expires", "int", 60,
     "Shortest subscription in seconds; a shorter Expires gets 423 with Min-Expires.",

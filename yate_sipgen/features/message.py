@@ -70,8 +70,9 @@ key(S, "auth", "choice", "required",
     "are accepted too (ysipchan.conf [methods] message=no: Yate then authenticates nobody).",
     choices=("required", "optional"))
 key(S, "trusted_lines", "list", (),
-    "Yate lines/trunks (the in_line param, e.g. an SMS gateway) whose MESSAGEs are accepted "
-    "with any From user. '*' trusts every line.")
+    "Yate lines/trunks (the in_line param, e.g. an SMS gateway) that vouch for their senders: "
+    "their MESSAGEs are accepted with any From user, their SUBSCRIBEs and PUBLISHes count as "
+    "authenticated (as the From user). '*' trusts every line.")
 key(S, "allow_from_mismatch", "bool", False,
     "Accept an authenticated MESSAGE whose From user differs from the authenticated username.")
 key(S, "domains", "list", (),

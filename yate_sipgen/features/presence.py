@@ -46,9 +46,10 @@ key(S, "publish", "bool", True,
     "Accept PUBLISH of presence (sip.publish; ysipchan.conf [methods] publish=...). Used only "
     "at start.")
 key(S, "publishers", "choice", "self",
-    "Who may PUBLISH a user's presence. self: only the user (the authenticated username must "
-    "be the Request-URI user). authenticated: any authenticated user. any: anyone (no "
-    "authentication: ysipchan.conf [methods] publish=no).",
+    "Who may PUBLISH a user's presence. self: only the user (the authenticated username, or "
+    "the From user of a [message] trusted_lines line, must be the Request-URI user). "
+    "authenticated: any authenticated user or trusted line. any: anyone (no authentication: "
+    "ysipchan.conf [methods] publish=no).",
     choices=("self", "authenticated", "any"))
 key(S, "publish_priority", "int", 50, "Priority of our sip.publish handler.", minimum=0,
     maximum=1000)
