@@ -30,13 +30,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import protocol as p
 from .errors import DispatchCancelled, DispatchTimeout, LineTooLong, LocalProtocolError
-from .flow import Flow, RunQueue, Waiter
+from .flow import _PENDING, Flow, RunQueue, Waiter
 from .message import Message
 from .session import RETRY_AFTER, BadLineReceived, Session, is_sip
 from .stats import Stats
@@ -45,6 +46,19 @@ log = logging.getLogger("yate_sipgen.engine")
 
 Handler = Callable[[Message], "bool | None | Awaitable[bool | None]"]
 Watcher = Callable[[Message], "None | Awaitable[None]"]
+
+
+class _Dispatched(Waiter):
+    """What :meth:`Engine.dispatch` returns: the waiter for Yate's answer, with its own
+    bookkeeping (id, expiry), so one dict entry per pending dispatch is all the engine keeps."""
+
+    __slots__ = ("mid", "expires", "what", "secs", "engine", "session")
+
+    def cancel(self, msg: Any = None) -> bool:
+        if self._state != _PENDING:
+            return False
+        self.engine._forget(self.mid, self.session)  # stop waiting for Yate's answer
+        return Waiter.cancel(self, msg)
 
 
 @dataclass(slots=True)
@@ -96,13 +110,14 @@ class Engine:
         self.session: Session | None = None
         self._write: Callable[[bytes], None] | None = None
         self._flush_scheduled = False
-        self._futures: dict[str, Waiter] = {}
-        self._expiry: dict[str, tuple[float, Waiter, str, float]] = {}
+        self._futures: dict[str, _Dispatched] = {}  # our dispatches waiting for Yate's answer
+        self._clock: Callable[[], float] = time.monotonic  # the loop's clock (see attach)
         self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: dict[str, asyncio.Task[None] | Flow] = {}  # handlers still running
         self.runq = RunQueue(self.flush)
         self._bg: set[asyncio.Task[Any]] = set()
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_at = 0.0  # when _deadline_timer fires
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_reply: Callable[[object], None] | None = None  # keyword replies, for the app
         self.on_connected: list[Callable[[], None]] = []  # hooks run after each (re)connect
@@ -155,8 +170,12 @@ class Engine:
     def attach(self, write: Callable[[bytes], None], *, role: str | None = None,
                setlocals: list[tuple[str, str | bool | int]] = ()) -> Session:
         """Start a new connection: a fresh Session, the setlocals, then every install and watch."""
-        self._loop = asyncio.get_running_loop()
-        self.runq._loop = self._loop
+        self._loop = loop = asyncio.get_running_loop()
+        self.runq._loop = loop
+        # asyncio's own clock is time.monotonic behind a Python method: call it directly
+        self._clock = (time.monotonic if type(loop).time is asyncio.BaseEventLoop.time
+                       else loop.time)
+        self.now = self._clock  # type: ignore[method-assign]
         self.session = s = Session(answer_within=self.answer_within)
         self._write = write
         if role:
@@ -185,7 +204,6 @@ class Engine:
         self._futures.clear()
         for fut in pending:
             fut.set_exception(DispatchCancelled("connection to Yate closed"))
-        self._expiry.clear()
         self._early = []
         for task in self._tasks.values():
             task.cancel()
@@ -216,7 +234,7 @@ class Engine:
         if s is None:
             self._early.append(data)  # nothing is lost before attach()
             return
-        now = self._loop.time()
+        now = self._clock()
         runq = self.runq
         runq.active = True
         try:
@@ -231,16 +249,17 @@ class Engine:
             self._schedule_flush()
 
     def _feed(self, events: list[object]) -> None:
+        futures = self._futures
         for ev in events:
             t = type(ev)
-            if t is p.MessageReceived:
-                self._on_message(ev.message)
-            elif t is p.AnswerReceived:
-                fut = self._futures.pop(ev.id, None)
+            if t is p.AnswerReceived:  # two of the three lines of a relayed MESSAGE
+                fut = futures.pop(ev.id, None)
                 if fut is not None:
-                    self._expiry.pop(ev.id, None)
-                    ev.message.handled = ev.handled
-                    fut.set_result(ev.message)
+                    msg = ev.message
+                    msg.handled = ev.handled
+                    fut.set_result(msg)  # the waiting flow goes on right here
+            elif t is p.MessageReceived:
+                self._on_message(ev.message)
             elif t is p.WatchReceived:
                 self._on_watch(ev)
             elif t is BadLineReceived:
@@ -270,22 +289,22 @@ class Engine:
             self._flows += 1
             single = route.single
             if single is not None:  # the handler's own coroutine is the flow: one frame less
-                flow = Flow(single(msg), self.runq,
-                            lambda value, exc: self._single_done(msg, value, exc))
+                flow = Flow(single(msg), self.runq, self._single_done, msg)
             else:
                 flow = Flow(self._run(msg, route), self.runq, self._flow_done)
             self._tasks[msg.id] = flow
-            flow.start()
+            self.runq.push(flow)
         else:
             self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
         timer = self._deadline_timer
-        if timer is None or msg.deadline < timer.when():  # earlier after a reload shortened it
+        if timer is None or msg.deadline < self._deadline_at:  # earlier after a reload
             if timer is not None:
                 timer.cancel()
             self._arm_deadline(msg.deadline)
 
-    def _single_done(self, msg: Message, handled: Any, exc: BaseException | None) -> None:
+    def _single_done(self, flow: Flow, handled: Any, exc: BaseException | None) -> None:
         """The end of a Flow running a route's only handler: what :meth:`_run` does after it."""
+        msg: Message = flow.arg
         self._flows -= 1
         self._tasks.pop(msg.id, None)
         if exc is None:
@@ -302,7 +321,7 @@ class Engine:
         if not msg.answered:
             self._fail(msg, 500)
 
-    def _flow_done(self, value: Any, exc: BaseException | None) -> None:
+    def _flow_done(self, flow: Flow, value: Any, exc: BaseException | None) -> None:
         self._flows -= 1
         if exc is not None and not isinstance(exc, asyncio.CancelledError):
             self.stats.events["handler_error"] += 1  # _run catches handler errors: a bug
@@ -366,9 +385,10 @@ class Engine:
         if err is not None:
             self.stats.events["answer_too_long"] += 1
             log.error("answer to %s too long (%s); sent the failure answer", msg.name, err)
-        if is_sip(msg.original_name):
+        if msg.original_name.startswith("sip."):  # is_sip()
             self.stats.codes[msg.get("code") or ("200" if handled else "405")] += 1
-        self._schedule_flush()
+        if not self.runq.active:
+            self._schedule_flush()
 
     def _fail(self, msg: Message, code: int, retry_after: str | None = None) -> None:
         s = self.session
@@ -381,6 +401,7 @@ class Engine:
 
     # -- deadlines -----------------------------------------------------------------------------
     def _arm_deadline(self, when: float) -> None:
+        self._deadline_at = when
         self._deadline_timer = self._loop.call_at(when, self._deadline_fired)
 
     def _deadline_fired(self) -> None:
@@ -397,7 +418,7 @@ class Engine:
         self.flush()
 
     def _overdue(self, s: Session) -> None:
-        now = self._loop.time()
+        now = self._clock()
         for msg in s.overdue(now):
             self.stats.events["answer_deadline"] += 1
             log.warning("handler for %s did not finish within %.1fs; answered as a failure",
@@ -451,26 +472,30 @@ class Engine:
         itself raises :class:`LineTooLong` / :class:`LocalProtocolError` before sending
         anything that Yate would refuse. Cancelling it stops waiting for the answer.
         """
-        w = Waiter(self.runq, self._loop)
         s = self.session
         if s is None:
+            w = Waiter(self.runq, self._loop)
             w.set_exception(DispatchCancelled("not connected to Yate"))
             return w
-        mid = s.dispatch(msg)
-        self._futures[mid] = w
-        w.on_cancel = lambda: self._forget(mid, s)
-        self._schedule_flush()
-        secs = self.dispatch_timeout if timeout is None else timeout
+        mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
+        w = _Dispatched(self.runq, self._loop)
+        w.mid = mid
+        secs = w.secs = self.dispatch_timeout if timeout is None else timeout
         # No timer per dispatch (this is on the hot path twice per MESSAGE): one sweeper
         # checks the pending dispatches a few times a second.
-        self._expiry[mid] = (self._loop.time() + secs, w, msg.name, secs)
+        w.expires = self._clock() + secs
+        w.what = msg.name
+        w.engine = self
+        w.session = s
+        self._futures[mid] = w
+        if not self.runq.active:
+            self._schedule_flush()
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
         return w
 
     def _forget(self, mid: str, s: Session) -> None:
         self._futures.pop(mid, None)
-        self._expiry.pop(mid, None)
         if self.session is s:
             s.forget(mid)
 
@@ -478,24 +503,24 @@ class Engine:
 
     def _sweep_dispatches(self) -> None:
         self._sweeper = None
-        now = self._loop.time()
-        expired = [(mid, v) for mid, v in self._expiry.items() if v[0] <= now]
+        now = self._clock()
+        expired = [w for w in self._futures.values() if w.expires <= now]
         self.runq.active = True
         try:
-            for mid, (_, fut, name, secs) in expired:
-                del self._expiry[mid]
+            for fut in expired:
+                mid = fut.mid
                 self._futures.pop(mid, None)
                 if self.session is not None:
                     self.session.forget(mid)
                 if not fut.done():
                     self.stats.events["dispatch_timeout"] += 1
                     fut.set_exception(DispatchTimeout(
-                        f"{name} got no answer from Yate within {secs:g}s"))
+                        f"{fut.what} got no answer from Yate within {fut.secs:g}s"))
             self.runq.drain()
         finally:
             self.runq.active = False
         self.flush()
-        if self._expiry:
+        if self._futures:
             self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
 
     def enqueue(self, msg: Message) -> None:
@@ -520,8 +545,9 @@ class Engine:
         return Waiter(self.runq, self._loop)
 
     def now(self) -> float:
-        """The loop's clock (deadlines and dispatch timeouts are on it)."""
-        return self._loop.time()
+        """The loop's clock (deadlines and dispatch timeouts are on it). Once attached, the
+        instance's ``now`` is that clock itself (no method call on the hot path)."""
+        return self._clock()
 
     @property
     def in_progress(self) -> int:

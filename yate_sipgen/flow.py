@@ -47,12 +47,28 @@ class RunQueue:
     def push(self, flow: "Flow", exc: BaseException | None = None, token: Any = None) -> None:
         """Make ``flow`` go on (throwing ``exc`` into it, if given). ``token`` is what woke it:
         a wake-up by something the flow no longer waits for is ignored."""
-        self._ready.append((flow, exc, token))
         if self._running:
+            self._ready.append((flow, exc, token))
             return
         if self.active:
-            self.drain()
-        elif not self._scheduled:
+            if self._ready:  # older ones first
+                self._ready.append((flow, exc, token))
+                self.drain()
+                return
+            # the usual case (a flow woken by Yate's answer): step it at once, then whatever
+            # it made ready -- what drain() would do, without the queue round trip
+            self._running = True
+            try:
+                flow.step(exc, token)
+                ready = self._ready
+                while ready:
+                    f, e, t = ready.popleft()
+                    f.step(e, t)
+            finally:
+                self._running = False
+            return
+        self._ready.append((flow, exc, token))
+        if not self._scheduled:
             self._scheduled = True
             loop = self._loop or asyncio.get_running_loop()
             loop.call_soon(self._drain_soon)
@@ -106,6 +122,8 @@ class Waiter:
         if self._state == _PENDING:
             self._asyncio_future_blocking = True
             yield self
+        if self._state == _DONE and self._exc is None:
+            return self._result
         return self.result()
 
     __iter__ = __await__
@@ -157,7 +175,15 @@ class Waiter:
             return
         self._state = _DONE
         self._result = value
-        self._wake()
+        flow = self._flow
+        if flow is not None:  # _wake(), inline: this is every answer from Yate
+            self._flow = None
+            self._queue.push(flow, None, self)
+        if self._callbacks:
+            loop = self.get_loop()
+            for cb in self._callbacks:
+                loop.call_soon(cb, self)
+            self._callbacks = None
 
     def set_exception(self, exc: BaseException) -> None:
         if self._state != _PENDING:
@@ -190,18 +216,20 @@ class Waiter:
 
 class Flow:
     """Steps one coroutine: resumed directly by the :class:`Waiter` it awaits, or through the
-    loop by an asyncio future. ``done`` is called with the coroutine's return value or the
-    exception that ended it (``CancelledError`` included)."""
+    loop by an asyncio future. ``done`` is called with the flow, the coroutine's return value
+    and the exception that ended it (``CancelledError`` included; ``None`` on a return)."""
 
-    __slots__ = ("coro", "queue", "waiting", "done", "finished")
+    __slots__ = ("coro", "queue", "waiting", "done", "finished", "arg")
 
     def __init__(self, coro: Coroutine[Any, Any, Any], queue: RunQueue,
-                 done: Callable[[Any, BaseException | None], None] | None = None) -> None:
+                 done: Callable[["Flow", Any, BaseException | None], None] | None = None,
+                 arg: Any = None) -> None:
         self.coro = coro
         self.queue = queue
         self.waiting: Any = None
         self.done = done
         self.finished = False
+        self.arg = arg  # whatever ``done`` needs to know (the engine: the message)
 
     def start(self) -> "Flow":
         self.queue.push(self)
@@ -222,7 +250,7 @@ class Flow:
         except BaseException as e:  # noqa: BLE001 - handed to ``done``; never lost
             self._finish(None, e)
             return
-        if type(awaited) is Waiter:
+        if isinstance(awaited, Waiter):
             awaited._asyncio_future_blocking = False
             self.waiting = awaited
             if awaited._state != _PENDING:
@@ -246,7 +274,7 @@ class Flow:
         if self.finished:
             return False
         w, self.waiting = self.waiting, None
-        if type(w) is Waiter:
+        if isinstance(w, Waiter):
             w._flow = None
             w.cancel()
         elif w is not None:
@@ -258,4 +286,4 @@ class Flow:
     def _finish(self, value: Any, exc: BaseException | None) -> None:
         self.finished = True
         if self.done is not None:
-            self.done(value, exc)
+            self.done(self, value, exc)

@@ -51,6 +51,40 @@ unescape: Callable[[str], str]
 escape: Callable[[str], str]
 
 
+_new = object.__new__
+
+#: name -> the ":name=" a lazy message's line is searched for; ``None`` marks a name whose
+#: wire form differs (it has '%', ':' or '='). Names come from code, so this stays small.
+_NEEDLES: dict[str, str] = {}
+
+
+def _needle(key: str) -> str | None:
+    if type(key) is not str or "%" in key or ":" in key or "=" in key:
+        return None
+    if len(_NEEDLES) > 4096:
+        _NEEDLES.clear()
+    needle = _NEEDLES[key] = ":" + key + "="
+    return needle
+
+
+def lazy_message(name: str, retval: str, line: str, pstart: int, id: str = "",
+                 time: int = 0, cls: "type[Message] | None" = None) -> "Message":
+    """:meth:`Message.from_line` as a plain function (the decoder calls it for every line)."""
+    m = _new(cls or Message)
+    m.name = m.original_name = name
+    m.retval = m.original_retval = retval
+    m._p = {}
+    m._line = line
+    m._pstart = pstart
+    m._extra = m._pairs = m.changes = None
+    m.forwarded = ""
+    m.id = id
+    m.time = time
+    m.received_at = m.deadline = 0.0
+    m.answered = m.handled = False
+    return m
+
+
 class Reset(str):
     """A change that deletes every copy of a param and then sets one (``k:k=v``)."""
 
@@ -109,19 +143,16 @@ class Message:
 
     @classmethod
     def _blank(cls, name: str, retval: str, id: str, time: int) -> "Message":
-        m = cls.__new__(cls)
+        m = _new(cls)
         m.name = m.original_name = name
         m.retval = m.original_retval = retval
-        m._extra = None
-        m._pairs = None
-        m.changes = None
+        m._extra = m._pairs = m._line = m.changes = None
+        m._pstart = 0
         m.forwarded = ""
         m.id = id
         m.time = time
-        m.received_at = 0.0
-        m.deadline = 0.0
-        m.answered = False
-        m.handled = False
+        m.received_at = m.deadline = 0.0
+        m.answered = m.handled = False
         return m
 
     @classmethod
@@ -133,11 +164,18 @@ class Message:
         ``params`` holds the first value of each name; ``pairs``, when the line had duplicate
         names, is every pair in order: the later duplicates are sorted out only if asked for.
         """
-        m = cls._blank(name, retval, id, time)
+        m = _new(cls)
+        m.name = m.original_name = name
+        m.retval = m.original_retval = retval
         m._p = params
         m._pairs = pairs
-        m._line = None
+        m._extra = m._line = m.changes = None
         m._pstart = 0
+        m.forwarded = ""
+        m.id = id
+        m.time = time
+        m.received_at = m.deadline = 0.0
+        m.answered = m.handled = False
         return m
 
     @classmethod
@@ -145,11 +183,7 @@ class Message:
                   time: int = 0) -> "Message":
         """A message whose params stay in ``line`` (from ``pstart``, the ``:`` before the first
         param) until asked for. The line must have been checked already (escapes, chunks)."""
-        m = cls._blank(name, retval, id, time)
-        m._p = {}
-        m._line = line
-        m._pstart = pstart
-        return m
+        return lazy_message(name, retval, line, pstart, id, time, cls)
 
     # -- the lazy part ------------------------------------------------------------------------
     def _decode_all(self) -> None:
@@ -206,14 +240,18 @@ class Message:
         line = self._line
         if line is None:
             return default
-        if "%" in key or ":" in key or "=" in key:  # its wire form differs: decode it all
-            return self.params.get(key, default)
+        needle = _NEEDLES.get(key)
+        if needle is None:
+            needle = _needle(key)
+            if needle is None:  # its wire form differs from the name: decode it all
+                return self.params.get(key, default)
         # Every ':' of the line separates fields (a ':' in a value is escaped), so the first
         # ":key=" after the name is exactly the first param named key.
-        i = line.find(":" + key + "=", self._pstart)
+        i = line.find(needle, self._pstart)
         if i < 0:
+            self._p[key] = _ABSENT  # absent: a second look costs no search
             return default
-        i += len(key) + 2
+        i += len(needle)
         j = line.find(":", i)
         v = line[i:] if j < 0 else line[i:j]
         if "%" in v:
@@ -287,13 +325,15 @@ class Message:
                 continue
             if line is None:
                 continue
-            i = line.find(":" + k + "=", start)
+            needle = _NEEDLES.get(k) or _needle(k)
+            i = line.find(needle, start)
             if i < 0:
                 continue
             j = line.find(":", i + 1)
-            chunk = line[i:] if j < 0 else line[i:j]
-            if len(chunk) > len(k) + 2:
-                out.append(chunk)
+            if j < 0:
+                j = len(line)
+            if j > i + len(needle):  # a non-empty value
+                out.append(line[i:j])
         return "".join(out)
 
     def has_prefix(self, prefix: str | tuple[str, ...]) -> bool:

@@ -97,8 +97,6 @@ def _escape_joined(text: str, fields: int) -> bytes:
         data = text.encode(ENCODING, ERRORS)
     except UnicodeEncodeError as e:
         raise LocalProtocolError(f"text cannot be encoded: {e}") from None
-    if data.count(b"\x00") != fields - 1:
-        raise LocalProtocolError("a NUL byte cannot be sent to Yate (it has no escape for it)")
     if b"%" in data:
         data = data.replace(b"%", b"%%")
     if b":" in data:
@@ -107,7 +105,10 @@ def _escape_joined(text: str, fields: int) -> bytes:
         data = data.replace(b"\n", b"%J")
     if b"\r" in data:
         data = data.replace(b"\r", b"%M")
+    # every control byte left, the NUL separators included: exactly the separators, usually
     if len(data) - len(data.translate(None, _CTRL_BYTES)) != fields - 1:
+        if data.count(b"\x00") != fields - 1:
+            raise LocalProtocolError("a NUL byte cannot be sent to Yate (it has no escape for it)")
         data = _CTRL_NONNUL_B.sub(lambda m: _ESC_OUT_B[m.group()], data)
     return data.replace(b"\x00", b":")
 
@@ -425,6 +426,9 @@ def _fields(line: str) -> list[str]:
 
 
 _BAD_ESC = re.compile("%(?![A-_z}])")  # once every "%%" is taken out
+#: '%' followed by anything but ``A``..``_`` or ``z``: "%%", "%}" or a bad escape. A line
+#: without one (past its keyword's "%%") has only valid escapes and no escaped '='.
+_ESC_SUSPECT = re.compile("%(?![A-_z])")
 
 
 def _check_params(line: str, start: int) -> None:
@@ -472,18 +476,24 @@ def decode_params(line: str, start: int) -> tuple[dict[str, str], list[tuple[str
 
 
 _message.decode_params = decode_params
+_lazy_message = _message.lazy_message
 _message.unescape = unescape
 _message.escape = escape
 
 
 def _msg_line(line: str, answer: bool) -> FromYate:
+    """A ``%%>message`` / ``%%<message`` line already checked for raw control bytes."""
     parts = line.split(":", 5)
     if len(parts) < 5:
         raise RemoteProtocolError("message line has fewer than 4 fields", line)
     mid, second, name, retval = parts[1], parts[2], parts[3], parts[4]
     # the ':' before the first param (or the line's end when there is none)
     pstart = len(line) - len(parts[5]) - 1 if len(parts) == 6 else len(line)
-    _check_params(line, pstart)
+    # Two C-level scans decide the usual line is valid: no '%' outside the escapes every line
+    # has (``%z``, ``%J``, ...), and no chunk that begins with '='. Anything else ("%%", "%}",
+    # a bad escape) is checked exactly by _check_params.
+    if _ESC_SUSPECT.search(line, 11) is not None or line.find(":=", pstart) >= 0:
+        _check_params(line, pstart)
     if "%" in mid:
         mid = unescape(mid)
     if "%" in name:
@@ -491,10 +501,15 @@ def _msg_line(line: str, answer: bool) -> FromYate:
     if "%" in retval:
         retval = unescape(retval)
     if answer:
-        handled = parse_bool(second)
-        if handled is None:
-            raise RemoteProtocolError(f"bad boolean {second!r}", line)
-        msg = Message.from_line(name, retval, line, pstart, id=mid)
+        if second == "true":
+            handled = True
+        elif second == "false":
+            handled = False
+        else:
+            handled = parse_bool(second)
+            if handled is None:
+                raise RemoteProtocolError(f"bad boolean {second!r}", line)
+        msg = _lazy_message(name, retval, line, pstart, mid, 0)
         if mid:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)
@@ -502,7 +517,7 @@ def _msg_line(line: str, answer: bool) -> FromYate:
         second = unescape(second)
     t_val = (int(second) if (second.isascii() and second.isdigit() and len(second) < 20)
              else _int(second, "time"))
-    return MessageReceived(Message.from_line(name, retval, line, pstart, id=mid, time=t_val))
+    return MessageReceived(_lazy_message(name, retval, line, pstart, mid, t_val))
 
 
 def _split_last(rest: str, line: str) -> tuple[str, bool]:
@@ -524,15 +539,16 @@ def parse_yate_line(raw: bytes) -> FromYate | None:
     if not raw:
         return None
     line = raw.decode(ENCODING, ERRORS)
+    kw = line[:11]
+    if kw == "%%<message:" or kw == "%%>message:":  # nearly every line: first, and lean
+        # one C pass (translate deletes control bytes) instead of a per-character check
+        if len(raw.translate(None, _CTRL_BYTES)) != len(raw):
+            raise RemoteProtocolError("raw control byte in line", line)
+        return _msg_line(line, kw[2] == "<")
     if line.startswith("Error in: "):
         return ErrorInReceived(line[10:])
-    # one C pass (translate deletes control bytes) instead of a per-character check
     if len(raw.translate(None, _CTRL_BYTES)) != len(raw):
         raise RemoteProtocolError("raw control byte in line", line)
-    if line.startswith("%%>message:"):
-        return _msg_line(line, answer=False)
-    if line.startswith("%%<message:"):
-        return _msg_line(line, answer=True)
     try:
         if line.startswith("%%<install:") or line.startswith("%%<uninstall:"):
             body = line.split(":", 1)[1]
@@ -690,25 +706,33 @@ class Encoder:
 
     def message(self, msg: Message, id: str, time: int = 0) -> bytes:
         """``%%>message``: dispatch ``msg`` (all its params) under ``id`` (empty: no answer)."""
-        if not 0 <= time <= 0xFFFFFFFF:
-            raise LocalProtocolError(f"message time {time} is not a 32-bit unsigned number")
+        if time:
+            if not 0 <= time <= 0xFFFFFFFF:
+                raise LocalProtocolError(f"message time {time} is not a 32-bit unsigned number")
+            stamp = str(int(time))
+        else:
+            stamp = "0"
         # Only the first value of each name: Yate keeps one param per name from a script's
         # message ("d=1:d=2" becomes d=2), and msg[k] is the first value on our side.
         params = msg.params
         if "" in params or "=" in "".join(params):
             for k in params:
                 check_param_name(k)
-        fields = [id, str(int(time)), msg.name, msg.retval, *map("=".join, params.items())]
+        fields = [id, stamp, msg.name, msg.retval, *map("=".join, params.items())]
         fwd = msg.forwarded
         if len(fields) == 4 and not fwd:
             fields.append("")  # the ':' after the name is mandatory (§1.4.3)
         body = _escape_joined("\x00".join(fields), len(fields))
         if fwd:  # already escaped (Message.wire_params): only encoded
             try:
-                body += fwd.encode(ENCODING, ERRORS)
+                data = b"".join((b"%%>message:", body, fwd.encode(ENCODING, ERRORS), b"\n"))
             except UnicodeEncodeError as e:
                 raise LocalProtocolError(f"text cannot be encoded: {e}") from None
-        return self._finish_bytes(b"%%>message:" + body, f"message {msg.name}")
+        else:
+            data = b"".join((b"%%>message:", body, b"\n"))
+        if len(data) > self.max_line + 1:
+            raise LineTooLong(len(data) - 1, self.max_line, f"message {msg.name}")
+        return data
 
     def answer(self, id: str, handled: bool, name: str, retval: str,
                changes: dict[str, str | None] | None) -> bytes:
@@ -729,9 +753,15 @@ class Encoder:
                     if type(v) is not str:  # Reset: delete every copy, then set one
                         fields.append(k)
                     fields.append(k + "=" + v)
-        head = "%%<message:" + id + (":true:" if handled else ":false:")
-        return self._finish_bytes(head.encode(ENCODING, ERRORS)
-                                  + _escape_joined("\x00".join(fields), len(fields)), "answer")
+        try:
+            head = ("%%<message:" + id + (":true:" if handled else ":false:")).encode(
+                ENCODING, ERRORS)
+        except UnicodeEncodeError as e:
+            raise LocalProtocolError(f"text cannot be encoded: {e}") from None
+        data = b"".join((head, _escape_joined("\x00".join(fields), len(fields)), b"\n"))
+        if len(data) > self.max_line + 1:
+            raise LineTooLong(len(data) - 1, self.max_line, "answer")
+        return data
 
     def install(self, name: str, priority: int | None = 100, filter_name: str | None = None,
                 filter_value: str | None = None) -> bytes:

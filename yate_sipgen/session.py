@@ -25,6 +25,9 @@ from .message import Message
 #: Retry-After (seconds) suggested to SIP peers when we shed load.
 RETRY_AFTER = "5"
 
+_ANSWER = p.AnswerReceived
+_MESSAGE = p.MessageReceived
+
 
 @dataclass(frozen=True, slots=True)
 class BadLineReceived:
@@ -79,26 +82,29 @@ class Session:
             self._partial.append(rest)
         events: list[object] = []
         parse = p.parse_yate_line
+        append = events.append
+        answered = self.outgoing.discard
+        deadline = now + self.answer_within
         for raw in lines:
             try:
                 ev = parse(raw)
             except RemoteProtocolError as e:
-                events.append(BadLineReceived(raw, e))
+                append(BadLineReceived(raw, e))
                 continue
             except (ValueError, OverflowError) as e:  # never let one line stop the reader
-                events.append(BadLineReceived(raw, RemoteProtocolError(f"unparsable: {e}")))
+                append(BadLineReceived(raw, RemoteProtocolError(f"unparsable: {e}")))
                 continue
             if ev is None:
                 continue
-            events.append(ev)
+            append(ev)
             t = type(ev)
-            if t is p.MessageReceived:
+            if t is _ANSWER:
+                answered(ev.id)
+            elif t is _MESSAGE:
                 msg = ev.message
                 msg.received_at = now
-                msg.deadline = now + self.answer_within
+                msg.deadline = deadline
                 self.incoming[msg.id] = msg
-            elif t is p.AnswerReceived:
-                self.outgoing.discard(ev.id)
             elif t is p.SetLocalReplied and ev.name == "bufsize" and ev.success:
                 try:
                     self.set_bufsize(int(ev.value))
@@ -135,11 +141,14 @@ class Session:
         With ``expect_answer=False`` the id is empty: Yate sends no answer, and (reference
         §1.4.3, Surprise 10) the message *is* delivered to our own handlers and watchers.
         """
-        mid = self.new_id() if expect_answer else ""
-        self._out.append(self.encoder.message(msg, mid))
-        if mid:
+        if expect_answer:
+            self._seq += 1  # new_id(), inline
+            mid = self._prefix + str(self._seq)
+            self._out.append(self.encoder.message(msg, mid))
             self.outgoing.add(mid)
-        return mid
+            return mid
+        self._out.append(self.encoder.message(msg, ""))
+        return ""
 
     def forget(self, mid: str) -> None:
         """Stop waiting for ``mid`` (our dispatch timed out); a late answer is then ignored."""
@@ -152,15 +161,16 @@ class Session:
         or not ours). If the answer would be too long for Yate's buffer, the minimal fallback
         answer (:meth:`answer_failure`) is written instead and the error is returned.
         """
-        if msg.id not in self.incoming:
-            raise LocalProtocolError(f"message {msg.name} id {msg.id!r} is not waiting for an answer")
+        mid = msg.id
+        if mid not in self.incoming:
+            raise LocalProtocolError(f"message {msg.name} id {mid!r} is not waiting for an answer")
         name = msg.name if msg.name != msg.original_name else ""
         try:
-            line = self.encoder.answer(msg.id, handled, name, msg.retval, msg.changes)
+            line = self.encoder.answer(mid, handled, name, msg.retval, msg.changes)
         except LocalProtocolError as e:  # too long, or a change Yate cannot take
             self.answer_failure(msg, 500)
             return e if isinstance(e, LineTooLong) else LineTooLong(0, 0, f"answer ({e.reason})")
-        del self.incoming[msg.id]
+        del self.incoming[mid]
         msg.answered = True
         msg.handled = handled
         self._out.append(line)

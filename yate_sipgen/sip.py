@@ -234,6 +234,8 @@ def format_name_addr(uri: str, display: str = "", tag: str = "") -> str:
 
 def header_param(value: str, name: str) -> str | None:
     """The value of ``;name=`` in a header value (case-insensitive name), or ``None``."""
+    if ";" not in value:  # no params at all (a To without a tag: every new MESSAGE)
+        return None
     for param in value.split(";")[1:]:
         k, _, v = param.partition("=")
         if k.strip().lower() == name:  # whitespace around '=' is allowed (RFC 3261 §25.1)
@@ -247,11 +249,12 @@ def media_type(content_type: str) -> str:
 
 
 _ID_PREFIX = secrets.token_hex(8)  # random per process; a counter makes each id unique
+_TAG_PREFIX = _ID_PREFIX[:8]
 _id_counter = itertools.count(1)
 
 
 def new_tag() -> str:
-    return f"{_ID_PREFIX[:8]}{next(_id_counter):x}"
+    return f"{_TAG_PREFIX}{next(_id_counter):x}"
 
 
 def new_call_id(host: str = "sipgen") -> str:

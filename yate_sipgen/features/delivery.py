@@ -177,15 +177,16 @@ def parse_route(answer: Message) -> Route:
     * any other ``error``/``reason``: its SIP code (``noroute`` 404, ``forbidden`` 403, ...).
     """
     retval = answer.retval.strip()
+    if answer.handled and retval:
+        if retval == "fork":
+            numbered = sorted((int(m.group(1)), v) for k, v in answer.items()
+                              if (m := _CALLTO_N.fullmatch(k)) and v and not v.startswith("|"))
+            targets = [Target(v.strip()) for _, v in numbered]
+            if targets:
+                return Route(targets)
+        elif retval != "-" and retval != "error":  # the usual answer: one target
+            return Route([Target(retval, answer.get("oconnection_id") or "")])
     error = (answer.get("error") or answer.get("reason") or "").strip()
-    if answer.handled and retval == "fork":
-        numbered = sorted((int(m.group(1)), v) for k, v in answer.items()
-                          if (m := _CALLTO_N.fullmatch(k)) and v and not v.startswith("|"))
-        targets = [Target(v.strip()) for _, v in numbered]
-        if targets:
-            return Route(targets)
-    elif answer.handled and retval and retval not in ("-", "error"):
-        return Route([Target(retval, answer.get("oconnection_id") or "")])
     if error == "offline":
         return Route([], 480, offline=True)
     if error:
@@ -332,11 +333,13 @@ class Deliverer:
         try:
             if target.callto[:4] == "sip/":
                 engine = self.engine
-                started = engine.now()
+                now = engine.now
+                started = now()
                 answer = await engine.dispatch(self.xsip_message(out, target),
-                                               timeout=self.delivery_timeout)
-                self.delivery_time += (engine.now() - started - self.delivery_time) * 0.2
-                return _code_of(answer)
+                                               self.delivery_timeout)
+                self.delivery_time += (now() - started - self.delivery_time) * 0.2
+                code = answer.get("code", "")
+                return int(code) if code.isdigit() else _code_of(answer)
             if self.other_targets == "reject":
                 return 404
             return await self._msg_execute(out, target)
