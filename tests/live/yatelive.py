@@ -150,7 +150,7 @@ class LiveYate:
         self.sipgen_conf.write_text(_ini(self.sipgen_cfg))
 
     # -- process -----------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0, wait_installed: Optional[str] = "sip.message",
+    def start(self, timeout: float = 20.0, wait_installed: Optional[str] = "sip.message",
               verbosity: str = "-vvvvv") -> None:
         """Start Yate; wait for rmanager and (unless ``wait_installed`` is None) yate-sipgen.
 
