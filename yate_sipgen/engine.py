@@ -293,7 +293,7 @@ class Engine:
             else:
                 flow = Flow(self._run(msg, route), self.runq, self._flow_done)
             self._tasks[msg.id] = flow
-            self.runq.push(flow)
+            flow.start()
         else:
             self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
         timer = self._deadline_timer

@@ -99,12 +99,12 @@ class RunQueue:
 class Waiter:
     """A one-shot result that a Flow or a Task awaits (an asyncio-compatible future).
 
-    ``on_cancel`` is called once if it is cancelled before a result arrived (e.g. the engine
-    then stops waiting for Yate's answer).
+    A subclass that must act when cancelled before a result arrived overrides :meth:`cancel`
+    (the engine's dispatch waiter stops waiting for Yate's answer).
     """
 
     __slots__ = ("_state", "_result", "_exc", "_flow", "_callbacks", "_queue", "_loop",
-                 "_asyncio_future_blocking", "on_cancel")
+                 "_asyncio_future_blocking")
 
     def __init__(self, queue: RunQueue, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._state = _PENDING
@@ -115,7 +115,6 @@ class Waiter:
         self._queue = queue
         self._loop = loop
         self._asyncio_future_blocking = False
-        self.on_cancel: Callable[[], None] | None = None
 
     # -- awaiting ------------------------------------------------------------------------------
     def __await__(self):
@@ -175,15 +174,7 @@ class Waiter:
             return
         self._state = _DONE
         self._result = value
-        flow = self._flow
-        if flow is not None:  # _wake(), inline: this is every answer from Yate
-            self._flow = None
-            self._queue.push(flow, None, self)
-        if self._callbacks:
-            loop = self.get_loop()
-            for cb in self._callbacks:
-                loop.call_soon(cb, self)
-            self._callbacks = None
+        self._wake()
 
     def set_exception(self, exc: BaseException) -> None:
         if self._state != _PENDING:
@@ -196,9 +187,6 @@ class Waiter:
         if self._state != _PENDING:
             return False
         self._state = _CANCELLED
-        if self.on_cancel is not None:
-            cb, self.on_cancel = self.on_cancel, None
-            cb()
         self._wake()
         return True
 

@@ -67,22 +67,30 @@ def _needle(key: str) -> str | None:
     return needle
 
 
-def lazy_message(name: str, retval: str, line: str, pstart: int, id: str = "",
-                 time: int = 0, cls: "type[Message] | None" = None) -> "Message":
-    """:meth:`Message.from_line` as a plain function (the decoder calls it for every line)."""
-    m = _new(cls or Message)
+def _make(cls: "type[Message]", name: str, retval: str, id: str, time: int,
+          params: dict[str, str], pairs: "list[tuple[str, str]] | None", line: str | None,
+          pstart: int) -> "Message":
+    """A Message with every attribute set, bypassing ``__init__`` (the decoder's path)."""
+    m = _new(cls)
     m.name = m.original_name = name
     m.retval = m.original_retval = retval
-    m._p = {}
+    m._p = params
+    m._pairs = pairs
     m._line = line
     m._pstart = pstart
-    m._extra = m._pairs = m.changes = None
+    m._extra = m.changes = None
     m.forwarded = ""
     m.id = id
     m.time = time
     m.received_at = m.deadline = 0.0
     m.answered = m.handled = False
     return m
+
+
+def lazy_message(name: str, retval: str, line: str, pstart: int, id: str = "",
+                 time: int = 0) -> "Message":
+    """:meth:`Message.from_line` as a plain function (the decoder calls it for every line)."""
+    return _make(Message, name, retval, id, time, {}, None, line, pstart)
 
 
 class Reset(str):
@@ -142,20 +150,6 @@ class Message:
                 params[k] = v
 
     @classmethod
-    def _blank(cls, name: str, retval: str, id: str, time: int) -> "Message":
-        m = _new(cls)
-        m.name = m.original_name = name
-        m.retval = m.original_retval = retval
-        m._extra = m._pairs = m._line = m.changes = None
-        m._pstart = 0
-        m.forwarded = ""
-        m.id = id
-        m.time = time
-        m.received_at = m.deadline = 0.0
-        m.answered = m.handled = False
-        return m
-
-    @classmethod
     def from_wire(cls, name: str, retval: str, params: dict[str, str],
                   pairs: list[tuple[str, str]] | None = None, id: str = "",
                   time: int = 0) -> "Message":
@@ -164,26 +158,14 @@ class Message:
         ``params`` holds the first value of each name; ``pairs``, when the line had duplicate
         names, is every pair in order: the later duplicates are sorted out only if asked for.
         """
-        m = _new(cls)
-        m.name = m.original_name = name
-        m.retval = m.original_retval = retval
-        m._p = params
-        m._pairs = pairs
-        m._extra = m._line = m.changes = None
-        m._pstart = 0
-        m.forwarded = ""
-        m.id = id
-        m.time = time
-        m.received_at = m.deadline = 0.0
-        m.answered = m.handled = False
-        return m
+        return _make(cls, name, retval, id, time, params, pairs, None, 0)
 
     @classmethod
     def from_line(cls, name: str, retval: str, line: str, pstart: int, id: str = "",
                   time: int = 0) -> "Message":
         """A message whose params stay in ``line`` (from ``pstart``, the ``:`` before the first
         param) until asked for. The line must have been checked already (escapes, chunks)."""
-        return lazy_message(name, retval, line, pstart, id, time, cls)
+        return _make(cls, name, retval, id, time, {}, None, line, pstart)
 
     # -- the lazy part ------------------------------------------------------------------------
     def _decode_all(self) -> None:

@@ -501,14 +501,9 @@ def _msg_line(line: str, answer: bool) -> FromYate:
     if "%" in retval:
         retval = unescape(retval)
     if answer:
-        if second == "true":
-            handled = True
-        elif second == "false":
-            handled = False
-        else:
-            handled = parse_bool(second)
-            if handled is None:
-                raise RemoteProtocolError(f"bad boolean {second!r}", line)
+        handled = parse_bool(second)
+        if handled is None:
+            raise RemoteProtocolError(f"bad boolean {second!r}", line)
         msg = _lazy_message(name, retval, line, pstart, mid, 0)
         if mid:
             return AnswerReceived(mid, handled, msg)

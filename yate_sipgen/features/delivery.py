@@ -338,8 +338,7 @@ class Deliverer:
                 answer = await engine.dispatch(self.xsip_message(out, target),
                                                self.delivery_timeout)
                 self.delivery_time += (now() - started - self.delivery_time) * 0.2
-                code = answer.get("code", "")
-                return int(code) if code.isdigit() else _code_of(answer)
+                return _code_of(answer)
             if self.other_targets == "reject":
                 return 404
             return await self._msg_execute(out, target)
