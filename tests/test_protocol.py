@@ -336,6 +336,29 @@ class TestYateSideRoundTrip:
             assert got[k] == next(v for kk, v in params if kk == k)
         assert len(got) == len(params)
 
+    @given(IDS, st.booleans(), VALUES, YATE_PARAM_LISTS, st.lists(YATE_NAMES, max_size=4))
+    @example("0x1.2", False, "m", [("k", "1"), ("k", "2"), ("x.y", "")], ["k", "x", "x."])
+    @example("0x1.2", True, "m", [("a", "%:"), ("b=c", "d")], ["a", "b=c", "b"])
+    def test_lazy_reads_see_what_decoding_everything_sees(self, mid, answer, name, params,
+                                                          asked):
+        """A request is read through its one-split index, an answer by searching its line:
+        either way each read, the forwarded wire form and the name-prefix test agree with
+        the whole decoded list (the first value of a name wins, as Yate's getParam)."""
+        msg = Message(name, params)
+        line = (p.yate_answer_line(msg, mid, True) if answer
+                else p.yate_message_line(msg, mid, 0))[:-1]
+        lazy = p.parse_yate_line(line).message
+        full = p.parse_yate_line(line).message
+        decoded = full.params  # the first value of each name
+        names = [k for k, _ in params] + asked
+        plain = tuple(k for k in names if k and "=" not in k and p.escape(k) == k)
+        want = "".join(":" + k + "=" + p.escape(decoded[k]) for k in plain if decoded.get(k))
+        assert lazy.wire_params(plain) == want
+        for k in names:
+            assert lazy.get(k) == decoded.get(k)
+        for pre in plain:
+            assert lazy.has_prefix(pre) == any(k.startswith(pre) for k in decoded)
+
     @given(IDS | st.just(""), st.booleans(), VALUES, VALUES, YATE_PARAM_LISTS)
     @example("", True, "call.route", "", [])
     def test_answer_and_watch_lines_from_yate_round_trip(self, mid, handled, name, retval, params):

@@ -5,12 +5,13 @@ A :class:`Message` has a name, a return value and params. Its params follow Yate
 duplicates (``username`` twice on an authenticated ``sip.message``, reference §6 item 4) are
 kept in order and listed by :meth:`Message.getall` / :meth:`Message.items`.
 
-**Lazy params.** A message decoded from Yate keeps its line. A param a handler asks for is
-found in the line by one search for ``:name=`` (every ``:`` of a line separates fields; one in
-a value is escaped, so the first match is the first param of that name) and unescaped then,
-once: a ``sip.message`` carries about 30 params (a body, URIs, header values with escapes) and
-the MESSAGE path reads about 15; an answer to ``xsip.generate`` echoes a dozen or more (our
-whole request) and we read two. Nothing is split into a dict on the hot path. Anything that needs the whole list
+**Lazy params.** A message decoded from Yate keeps its line; nothing is unescaped until a
+handler asks. A request Yate hands us (a ``sip.message`` carries about 30 params and the
+MESSAGE path reads about 15) is indexed on the first read: one split of the line into a dict of
+wire-form values (every ``:`` of a line separates fields; one in a value is escaped), the first
+value of a name winning as in Yate's ``getParam``. A value is unescaped when read, once. An
+answer to one of our dispatches (it echoes our whole request and we read two params) is not
+indexed: each read is one search for ``:name=``. Anything that needs the whole list
 (``items()``, ``params``, ``len()``) decodes everything once; the message is an ordinary one
 from then on.
 
@@ -54,12 +55,12 @@ escape: Callable[[str], str]
 _new = object.__new__
 
 #: name -> the ":name=" a lazy message's line is searched for; ``None`` marks a name whose
-#: wire form differs (it has '%', ':' or '='). Names come from code, so this stays small.
+#: wire form differs (escaping changes it, or it has '='). Names come from code: this stays small.
 _NEEDLES: dict[str, str] = {}
 
 
 def _needle(key: str) -> str | None:
-    if type(key) is not str or "%" in key or ":" in key or "=" in key:
+    if type(key) is not str or "=" in key or escape(key) != key:
         return None
     if len(_NEEDLES) > 4096:
         _NEEDLES.clear()
@@ -69,7 +70,7 @@ def _needle(key: str) -> str | None:
 
 def _make(cls: "type[Message]", name: str, retval: str, id: str, time: int,
           params: dict[str, str], pairs: "list[tuple[str, str]] | None", line: str | None,
-          pstart: int) -> "Message":
+          pstart: int, raw: "dict[str, str] | bool | None" = None) -> "Message":
     """A Message with every attribute set, bypassing ``__init__`` (the decoder's path)."""
     m = _new(cls)
     m.name = m.original_name = name
@@ -78,6 +79,7 @@ def _make(cls: "type[Message]", name: str, retval: str, id: str, time: int,
     m._pairs = pairs
     m._line = line
     m._pstart = pstart
+    m._raw = raw
     m._extra = m.changes = None
     m.forwarded = ""
     m.id = id
@@ -88,9 +90,27 @@ def _make(cls: "type[Message]", name: str, retval: str, id: str, time: int,
 
 
 def lazy_message(name: str, retval: str, line: str, pstart: int, id: str = "",
-                 time: int = 0) -> "Message":
-    """:meth:`Message.from_line` as a plain function (the decoder calls it for every line)."""
-    return _make(Message, name, retval, id, time, {}, None, line, pstart)
+                 time: int = 0, index: bool = True) -> "Message":
+    """:meth:`Message.from_line` as a plain function (the decoder calls it for every line).
+    ``index=False``: each read searches the line instead (few reads expected)."""
+    return _make(Message, name, retval, id, time, {}, None, line, pstart,
+                 None if index else False)
+
+
+_split = str.split
+
+
+def _index(line: str, pstart: int) -> dict[str, str]:
+    """Wire-form name -> wire-form value of every param, the first of a name winning.
+
+    Empty chunks and bare keys are skipped (as :func:`decode_params` does).
+    """
+    chunks = line[pstart + 1:].split(":")
+    chunks.reverse()  # dict() keeps the last: reversed, that is the line's first
+    try:
+        return dict(map(_split, chunks, ("=",) * len(chunks), (1,) * len(chunks)))
+    except ValueError:  # an empty chunk or a bare key: rare
+        return dict(c.split("=", 1) for c in chunks if "=" in c)
 
 
 class Reset(str):
@@ -108,7 +128,7 @@ class Message:
     not UTF-8 appear as lone surrogates (``surrogateescape``) and are written back unchanged.
     """
 
-    __slots__ = ("name", "retval", "_p", "_line", "_pstart", "_extra", "_pairs",
+    __slots__ = ("name", "retval", "_p", "_line", "_pstart", "_extra", "_pairs", "_raw",
                  "changes", "id", "forwarded",
                  "time", "received_at", "deadline", "original_name", "original_retval",
                  "answered", "handled")
@@ -123,6 +143,7 @@ class Message:
         self._pairs: list[tuple[str, str]] | None = None
         self._line: str | None = None
         self._pstart = 0
+        self._raw: dict[str, str] | bool | None = None
         if params is None:
             self._p: dict[str, object] = {}
         elif isinstance(params, dict):
@@ -175,6 +196,7 @@ class Message:
             return
         params, pairs = decode_params(line, self._pstart)
         self._line = None
+        self._raw = None
         for k, v in (self.changes or {}).items():
             if v is None or type(v) is Reset:
                 params.pop(k, None)
@@ -222,6 +244,18 @@ class Message:
         line = self._line
         if line is None:
             return default
+        raw = self._raw
+        if raw is None:  # a request: index the line once
+            raw = self._raw = _index(line, self._pstart)
+        if raw is not False:
+            if key not in _NEEDLES and _needle(key) is None:  # its wire form differs
+                return self.params.get(key, default)
+            v = raw.get(key)  # type: ignore[union-attr]
+            if v is None:
+                return default
+            if "%" in v:
+                v = self._p[key] = unescape(v)
+            return v
         needle = _NEEDLES.get(key)
         if needle is None:
             needle = _needle(key)
@@ -298,7 +332,9 @@ class Message:
         out = []
         p = self._p
         line = self._line
-        start = self._pstart
+        raw = self._raw
+        if line is not None and raw is None:
+            raw = self._raw = _index(line, self._pstart)
         for k in keys:
             v = p.get(k, _MISS)
             if v is not _MISS:
@@ -307,8 +343,13 @@ class Message:
                 continue
             if line is None:
                 continue
+            if raw is not False:
+                v = raw.get(k)  # type: ignore[union-attr]
+                if v:
+                    out.append(":" + k + "=" + v)
+                continue
             needle = _NEEDLES.get(k) or _needle(k)
-            i = line.find(needle, start)
+            i = line.find(needle, self._pstart)
             if i < 0:
                 continue
             j = line.find(":", i + 1)
@@ -324,9 +365,16 @@ class Message:
         prefixes = (prefix,) if type(prefix) is str else prefix
         line = self._line
         if line is not None:
-            start = self._pstart
-            for pre in prefixes:
-                if line.find(":" + pre, start) >= 0:
+            raw = self._raw
+            if raw is None:
+                raw = self._raw = _index(line, self._pstart)
+            if raw is False:
+                start = self._pstart
+                if any(line.find(":" + pre, start) >= 0 for pre in prefixes):
+                    return True
+            else:  # the names only (a third of the line), searched as the line would be
+                names = ":" + ":".join(raw)  # type: ignore[arg-type]
+                if any(names.find(":" + pre) >= 0 for pre in prefixes):
                     return True
             return any(k.startswith(prefixes) for k, v in (self.changes or {}).items()
                        if v is not None)

@@ -504,7 +504,7 @@ def _msg_line(line: str, answer: bool) -> FromYate:
         handled = parse_bool(second)
         if handled is None:
             raise RemoteProtocolError(f"bad boolean {second!r}", line)
-        msg = _lazy_message(name, retval, line, pstart, mid, 0)
+        msg = _lazy_message(name, retval, line, pstart, mid, 0, False)
         if mid:
             return AnswerReceived(mid, handled, msg)
         return WatchReceived(handled, msg)

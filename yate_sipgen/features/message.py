@@ -207,6 +207,7 @@ class MessageFeature:
         self._live = 0
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
+        self._parties: dict[tuple[str, ...], _Parties] = {}
         self.state_dir = ""
 
     @property
@@ -320,6 +321,7 @@ class MessageFeature:
             self.offline.cmd_messages)
 
     def reconfigure(self, cfg: config_mod.Config) -> None:
+        self._parties = {}  # derived from the rules below
         self.cfg = dict(cfg["message"])
         self.cfg["_types"] = {t.lower() for t in self.cfg["content_types"]}
         self.domains = Domains.from_config(self.cfg)
@@ -391,40 +393,83 @@ class MessageFeature:
 
     def _inbound(self, msg: Message, hops: int) -> Inbound:
         """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse."""
-        cfg = self.cfg
         get = msg.get
-        xtype = get("xsip_type") or ""
-        ctype_full = get("sip_content-type") or xtype
-        media = media_type(xtype or ctype_full)
-        if media not in cfg["_types"]:  # "" (no type) is never in it
-            raise unsupported_media(media, cfg["_accept"])
+        # who sends to whom: the same for every message between two parties (a conversation)
+        frm_text = get("sip_from") or ""
+        cut = frm_text.rfind(";tag=")
+        if cut > 0 and frm_text[cut - 1] == ">":  # the tag alone differs between messages
+            tag = frm_text[cut + 5:]
+            if tag.isascii() and tag.replace("-", "").replace(".", "").isalnum():
+                frm_text = frm_text[:cut]
+        key = (frm_text, get("sip_uri") or "", get("called") or "", get("username") or "",
+               get("in_line") or "", get("caller") or "", get("callername") or "",
+               get("xsip_type") or "", get("sip_content-type") or "",
+               get("sip_auto-submitted") or "")
+        parties = self._parties.get(key)
         body = get("xsip_body") or ""
-        # other body parts and body headers (multipart, Content-Disposition): rare, so one
-        # search of the names decides whether to look for them
+        if parties is None:
+            try:
+                parties = self._parties_of(msg, key)
+            except Refusal as e:
+                if e.code != 415:  # the media type is checked first, then the body
+                    self._body_extra(msg, body)
+                raise
+            if len(self._parties) >= self.PARTIES_CACHE:
+                self._parties.clear()
+            self._parties[key] = parties
+        extra = self._body_extra(msg, body)
+        if hops - 1 <= 0:
+            raise Refusal(483, "no hop left to forward")
+        out = Outgoing(parties.user, parties.sender, parties.from_hdr, parties.to_hdr,
+                       parties.content_type, body, get("xsip_body_encoding") or "", extra,
+                       new_call_id(), new_tag(), time.time(), hops - 1 if hops > 1 else 1,
+                       parties.sender_user, parties.rcpt_user,
+                       notify_sender=parties.notify_sender)
+        return Inbound(out, parties.rcpt_user, parties.rcpt_host, parties.sender_user,
+                       parties.sender_host, parties.authenticated, parties.foreign,
+                       parties.media)
+
+    def _body_extra(self, msg: Message, body: str) -> dict[str, str]:
+        """The other body parts and body headers (multipart, Content-Disposition), checked
+        with the body against the size limits; raises :class:`Refusal` 413."""
+        # rare, so one search of the names decides whether to look for them
         if msg.has_prefix(_BODY_PARAMS):
             extra = {k: v for k, v in msg.items() if k.startswith(_BODY_PARAMS)}
         else:
             extra = {}
-        why = too_big(body, extra, cfg["max_body"])
+        why = too_big(body, extra, self.cfg["max_body"])
         if why:
             raise Refusal(413, why)
-        # who sends
+        return extra
+
+    #: Sender/recipient pairs whose checked headers are kept (cleared when full or reloaded).
+    PARTIES_CACHE = 4096
+
+    def _parties_of(self, msg: Message, key: tuple[str, ...]) -> "_Parties":
+        """The checks and headers that depend only on who sends to whom (``key``: the params
+        they are taken from); raises :class:`Refusal`."""
+        cfg = self.cfg
+        get = msg.get
+        xtype = key[7]
+        ctype_full = key[8] or xtype
+        media = media_type(xtype or ctype_full)
+        if media not in cfg["_types"]:  # "" (no type) is never in it
+            raise unsupported_media(media, cfg["_accept"])
         frm = parse_name_addr(get("sip_from") or "")
         if frm is None:
             raise Refusal(400, "unparsable From")
         sender = requester(msg, frm, cfg["_trusted"], cfg["_auth_required"],
                            cfg["allow_from_mismatch"])
         sender_user = sender.user
-        # to whom
-        ruri = parse_uri(get("sip_uri") or "")
-        if ruri is None or not (ruri.user or get("called")):
+        ruri = parse_uri(key[1])
+        if ruri is None or not (ruri.user or key[2]):
             raise Refusal(404 if ruri else 400, "no recipient in the Request-URI")
-        rcpt_user = ruri.user or get("called") or ""
+        rcpt_user = ruri.user or key[2]
         foreign = self.domains.is_foreign(ruri.host)
         if foreign and not (cfg["relay_foreign"] and sender.vouched):
             raise Refusal(403, f"{ruri.host} is not a domain we serve")
         try:
-            display = frm.display or get("callername") or ""
+            display = frm.display or key[6]
             from_uri = f"sip:{sender_user}@{frm.uri.host}" + (
                 f":{frm.uri.port}" if frm.uri.port else "")
             from_hdr = format_name_addr(from_uri, display)
@@ -432,17 +477,10 @@ class MessageFeature:
             header_safe(ctype_full)
         except HeaderValueError as e:
             raise Refusal(400, str(e)) from None
-        out = Outgoing(user=self.user_key(rcpt_user, ruri.host), sender=f"{sender_user}@{frm.uri.host}",
-                       from_hdr=from_hdr, to_hdr=to_hdr, content_type=ctype_full, body=body,
-                       body_encoding=get("xsip_body_encoding") or "", extra=extra,
-                       call_id=new_call_id(), from_tag=new_tag(), received=time.time(),
-                       antiloop=hops - 1 if hops > 1 else 1, caller=sender_user,
-                       called=rcpt_user,
-                       notify_sender=self._may_notify(msg, frm, media, sender.vouched))
-        if hops - 1 <= 0:
-            raise Refusal(483, "no hop left to forward")
-        return Inbound(out, rcpt_user, ruri.host, sender_user, frm.uri.host,
-                       sender.authenticated, foreign, media)
+        return _Parties(self.user_key(rcpt_user, ruri.host), f"{sender_user}@{frm.uri.host}",
+                        from_hdr, to_hdr, ctype_full, media, rcpt_user, ruri.host,
+                        sender_user, frm.uri.host, sender.authenticated, foreign,
+                        self._may_notify(msg, frm, media, sender.vouched))
 
     def user_key(self, user: str, host: str) -> str:
         """The ``user@domain`` a recipient is stored and delivered under (see
@@ -811,6 +849,25 @@ class MessageFeature:
         if not route.targets:
             return route.code or 480
         return await self.deliverer.send(out, route.targets)
+
+
+@dataclass(slots=True, frozen=True)
+class _Parties:
+    """What :meth:`MessageFeature._inbound` derives from who sends to whom (cached)."""
+
+    user: str  # recipient key user@domain
+    sender: str  # sender key user@host
+    from_hdr: str
+    to_hdr: str
+    content_type: str
+    media: str
+    rcpt_user: str
+    rcpt_host: str
+    sender_user: str
+    sender_host: str
+    authenticated: bool
+    foreign: bool
+    notify_sender: bool
 
 
 @dataclass(slots=True)
