@@ -74,6 +74,12 @@ def escape(text: str) -> str:
     NUL cannot be sent: Yate would write it as ``%@`` but its decoder refuses ``%@``
     (only ``%A``..``%_`` are accepted), so a NUL raises :class:`LocalProtocolError`.
     """
+    if text.isprintable():  # no control character: '%' and ':' are all there is to escape
+        if "%" in text:
+            text = text.replace("%", "%%")
+        if ":" in text:
+            text = text.replace(":", "%z")
+        return text
     if _SPECIAL.search(text) is None:
         return text
     if "\x00" in text:
@@ -707,6 +713,18 @@ class Encoder:
             stamp = str(int(time))
         else:
             stamp = "0"
+        fwd = msg.forwarded
+        wire = msg.unchanged_wire()
+        if wire is not None:  # params already in wire form (from Yate, or built so)
+            try:
+                data = "".join(("%%>message:", escape(id), ":", stamp, ":", escape(msg.name),
+                                ":", escape(msg.retval), wire or fwd or ":", wire and fwd,
+                                "\n")).encode(ENCODING, ERRORS)
+            except UnicodeEncodeError as e:
+                raise LocalProtocolError(f"text cannot be encoded: {e}") from None
+            if len(data) > self.max_line + 1:
+                raise LineTooLong(len(data) - 1, self.max_line, f"message {msg.name}")
+            return data
         # Only the first value of each name: Yate keeps one param per name from a script's
         # message ("d=1:d=2" becomes d=2), and msg[k] is the first value on our side.
         params = msg.params
@@ -714,7 +732,6 @@ class Encoder:
             for k in params:
                 check_param_name(k)
         fields = [id, stamp, msg.name, msg.retval, *map("=".join, params.items())]
-        fwd = msg.forwarded
         if len(fields) == 4 and not fwd:
             fields.append("")  # the ':' after the name is mandatory (§1.4.3)
         body = _escape_joined("\x00".join(fields), len(fields))
@@ -737,23 +754,24 @@ class Encoder:
         """
         if not id or ":" in id or _CTRL.search(id):
             raise LocalProtocolError(f"answer id {id[:40]!r} cannot be matched by Yate")
-        fields = [name, retval]
+        fields = ["%%<message:" + id + (":true:" if handled else ":false:") + escape(name),
+                  escape(retval)]
         if changes:
             for k, v in changes.items():
                 if not k or "=" in k:
                     check_param_name(k)
+                k = escape(k)
                 if v is None:
                     fields.append(k)
                 else:
                     if type(v) is not str:  # Reset: delete every copy, then set one
                         fields.append(k)
-                    fields.append(k + "=" + v)
+                    fields.append(k + "=" + escape(v))
+        fields[-1] += "\n"
         try:
-            head = ("%%<message:" + id + (":true:" if handled else ":false:")).encode(
-                ENCODING, ERRORS)
+            data = ":".join(fields).encode(ENCODING, ERRORS)
         except UnicodeEncodeError as e:
             raise LocalProtocolError(f"text cannot be encoded: {e}") from None
-        data = b"".join((head, _escape_joined("\x00".join(fields), len(fields)), b"\n"))
         if len(data) > self.max_line + 1:
             raise LineTooLong(len(data) - 1, self.max_line, "answer")
         return data

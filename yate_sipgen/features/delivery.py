@@ -27,6 +27,7 @@ from typing import Any
 
 from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..message import Message
+from ..protocol import check_param_name, escape
 from ..sip import YATE_ERRORS, http_date
 from ..store import AsyncStore, StoredMessage, new_owner
 
@@ -38,6 +39,8 @@ STORE_WORTHY = frozenset((0, 408, 480, 500, 503, 504))
 UNREACHABLE_ERRORS = frozenset(("offline", "notransport", "noconn", "noroute", "noanswer"))
 
 _CALLTO_N = re.compile(r"callto\.(\d+)")
+#: Params of our call.route that :meth:`Deliverer.route_wire` sets itself.
+_ROUTE_OWN = frozenset(("route_type", "called", "called_domain"))
 
 
 def _loop_future() -> asyncio.Future[None]:
@@ -228,6 +231,10 @@ class Outgoing:
     notify_sender: bool = False
     stored_id: int = 0
     attempts: int = 0
+    #: The body and (From without tag, To, Content-Type) as escaped on Yate's wire, when
+    #: known already (the body from the sender's line): not escaped again per attempt.
+    wire_body: str | None = None
+    wire_headers: tuple[str, str, str] | None = None
 
     def to_stored(self, expires: float) -> StoredMessage:
         return StoredMessage(user=self.user, sender=self.sender, from_hdr=self.from_hdr,
@@ -288,18 +295,25 @@ class Deliverer:
                                                     forwarded))
 
     def route_request(self, called: str, called_domain: str, params: dict[str, str],
-                      timeout: float | None = None, forwarded: str = "") -> Any:
+                      timeout: float | None = None, forwarded: str = "",
+                      wire: str | None = None) -> Any:
         """Dispatch the ``call.route``; the awaitable gives Yate's answer (see :func:`parse_route`).
 
-        ``params`` is taken over (not copied); ``forwarded`` are wire-form params of the
-        sender's message (:meth:`Message.wire_params`).
+        ``forwarded`` are wire-form params of the sender's message (:meth:`Message.wire_params`);
+        ``wire``: what :meth:`route_wire` gives for ``called``, ``called_domain`` and
+        ``params``, kept from an earlier call (``params`` is then not read).
         """
-        params["route_type"] = "msg"
-        params["called"] = called
-        params["called_domain"] = called_domain
-        m = Message.from_wire("call.route", "", params)
-        m.forwarded = forwarded
-        return self.engine.dispatch(m, timeout=timeout or self.route_timeout)
+        if wire is None:
+            wire = self.route_wire(called, called_domain, params)
+        return self.engine.dispatch(Message.from_wire_params("call.route", wire + forwarded),
+                                    timeout=timeout or self.route_timeout)
+
+    @staticmethod
+    def route_wire(called: str, called_domain: str, params: dict[str, str]) -> str:
+        """The params of our ``call.route route_type=msg``, escaped for Yate's wire."""
+        return ":route_type=msg:called=" + escape(called) + ":called_domain=" + escape(
+            called_domain) + "".join(":" + k + "=" + escape(v) for k, v in params.items()
+                                     if k not in _ROUTE_OWN)
 
     # -- sending ---------------------------------------------------------------------------
     def send(self, out: Outgoing, targets: list[Target]) -> Awaitable[int]:
@@ -354,24 +368,32 @@ class Deliverer:
 
     @staticmethod
     def xsip_message(out: Outgoing, target: Target) -> Message:
-        """The ``xsip.generate`` (``wait=true``) that sends ``out`` to a ``sip/`` target."""
-        p = {
-            "method": "MESSAGE", "uri": target.callto[4:], "wait": "true",
-            "antiloop": str(out.antiloop),
-            "sip_From": out.from_hdr + ";tag=" + out.from_tag,
-            "sip_To": out.to_hdr, "sip_Call-ID": out.call_id, "sip_CSeq": "1 MESSAGE",
-            "sip_Date": http_date(out.received),
-            "xsip_type": out.content_type, "xsip_body": out.body,
-        }
+        """The ``xsip.generate`` (``wait=true``) that sends ``out`` to a ``sip/`` target.
+
+        Its params are built in wire form: the escaped headers and body ``out`` carries are
+        used as they are.
+        """
+        hdrs = out.wire_headers
+        if hdrs is None:
+            hdrs = (escape(out.from_hdr), escape(out.to_hdr), escape(out.content_type))
+        body = out.wire_body
+        if body is None:
+            body = escape(out.body)
+        wire = [":method=MESSAGE:uri=", escape(target.callto[4:]), ":wait=true:antiloop=",
+                str(out.antiloop), ":sip_From=", hdrs[0], ";tag=", escape(out.from_tag),
+                ":sip_To=", hdrs[1], ":sip_Call-ID=", escape(out.call_id),
+                ":sip_CSeq=1 MESSAGE:sip_Date=", http_date(out.received).replace(":", "%z"),
+                ":xsip_type=", hdrs[2], ":xsip_body=", body]
         if out.body_encoding:
-            p["xsip_body_encoding"] = out.body_encoding
-        if out.extra:
-            p.update(out.extra)
+            wire += (":xsip_body_encoding=", escape(out.body_encoding))
+        for k, v in out.extra.items():
+            check_param_name(k)
+            wire += (":", escape(k), "=", escape(v))
         if target.connection_id:
-            p["connection_id"] = target.connection_id
+            wire += (":connection_id=", escape(target.connection_id))
         if out.auto:
-            p["sip_Auto-Submitted"] = "auto-generated"
-        return Message.from_wire("xsip.generate", "", p)
+            wire.append(":sip_Auto-Submitted=auto-generated")
+        return Message.from_wire_params("xsip.generate", "".join(wire))
 
     async def _msg_execute(self, out: Outgoing, target: Target) -> int:
         m = Message("msg.execute", {

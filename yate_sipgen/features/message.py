@@ -32,6 +32,7 @@ from .. import config as config_mod
 from ..config import Declarations
 from ..errors import DispatchCancelled, DispatchTimeout
 from ..message import Message
+from ..protocol import escape
 from ..sip import (HeaderValueError, format_name_addr, header_param, header_safe, media_type,
                    new_call_id, new_tag, parse_name_addr, parse_uri)
 from ..store import AsyncStore
@@ -189,6 +190,7 @@ class Inbound:
     authenticated: bool
     foreign: bool  # Request-URI host is not ours
     media: str
+    route_wire: str | None = None  # our call.route's own params, escaped, when known
 
 
 class MessageFeature:
@@ -424,10 +426,11 @@ class MessageFeature:
                        parties.content_type, body, get("xsip_body_encoding") or "", extra,
                        new_call_id(), new_tag(), time.time(), hops - 1 if hops > 1 else 1,
                        parties.sender_user, parties.rcpt_user,
-                       notify_sender=parties.notify_sender)
+                       notify_sender=parties.notify_sender, wire_body=msg.wire("xsip_body"),
+                       wire_headers=parties.wire_headers)
         return Inbound(out, parties.rcpt_user, parties.rcpt_host, parties.sender_user,
                        parties.sender_host, parties.authenticated, parties.foreign,
-                       parties.media)
+                       parties.media, parties.route_wire)
 
     def _body_extra(self, msg: Message, body: str) -> dict[str, str]:
         """The other body parts and body headers (multipart, Content-Disposition), checked
@@ -477,10 +480,14 @@ class MessageFeature:
             header_safe(ctype_full)
         except HeaderValueError as e:
             raise Refusal(400, str(e)) from None
+        route_wire = Deliverer.route_wire(rcpt_user, ruri.host, {
+            "caller": sender_user, "domain": frm.uri.host, "module": "sipgen",
+            "xsip_type": ctype_full})
         return _Parties(self.user_key(rcpt_user, ruri.host), f"{sender_user}@{frm.uri.host}",
                         from_hdr, to_hdr, ctype_full, media, rcpt_user, ruri.host,
                         sender_user, frm.uri.host, sender.authenticated, foreign,
-                        self._may_notify(msg, frm, media, sender.vouched))
+                        self._may_notify(msg, frm, media, sender.vouched), route_wire,
+                        (escape(from_hdr), escape(to_hdr), escape(ctype_full)))
 
     def user_key(self, user: str, host: str) -> str:
         """The ``user@domain`` a recipient is stored and delivered under (see
@@ -535,7 +542,8 @@ class MessageFeature:
                   "module": "sipgen", "xsip_type": inb.out.content_type}
         return self.deliverer.route_request(
             inb.rcpt_user, inb.rcpt_host, params, timeout=max(timeout, 0.05),
-            forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "")
+            forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "",
+            wire=inb.route_wire)
 
     async def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
         """The sender's rate, then the answer mode, then delivery; shared by both set-ups."""
@@ -868,6 +876,8 @@ class _Parties:
     authenticated: bool
     foreign: bool
     notify_sender: bool
+    route_wire: str  # our call.route's own params, escaped (Deliverer.route_wire)
+    wire_headers: tuple[str, str, str]  # Outgoing.wire_headers
 
 
 @dataclass(slots=True)
