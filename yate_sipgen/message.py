@@ -332,9 +332,7 @@ class Message:
         out = []
         p = self._p
         line = self._line
-        raw = self._raw
-        if line is not None and raw is None:
-            raw = self._raw = _index(line, self._pstart)
+        raw = self._indexed() if line is not None else False
         for k in keys:
             v = p.get(k, _MISS)
             if v is not _MISS:
@@ -359,6 +357,14 @@ class Message:
                 out.append(line[i:j])
         return "".join(out)
 
+    def _indexed(self) -> "dict[str, str] | bool":
+        """The line's index (built now if not yet), or False for a searched message. ``get``
+        does the same inline: it runs about 15 times per MESSAGE."""
+        raw = self._raw
+        if raw is None:
+            raw = self._raw = _index(self._line, self._pstart)  # type: ignore[arg-type]
+        return raw
+
     @classmethod
     def from_wire_params(cls, name: str, wire: str, retval: str = "") -> "Message":
         """A message whose params are given as escaped for Yate's wire (``:k=v...``, as
@@ -378,10 +384,7 @@ class Message:
         the line as it came when it is there unchanged, else escaped now."""
         if key not in self._p and self._line is not None and self._raw is not False and (
                 key in _NEEDLES or _needle(key) is not None):
-            raw = self._raw
-            if raw is None:
-                raw = self._raw = _index(self._line, self._pstart)
-            return raw.get(key)  # type: ignore[union-attr]
+            return self._indexed().get(key)  # type: ignore[union-attr]
         v = self.get(key)
         return None if v is None else escape(v)
 
@@ -391,9 +394,7 @@ class Message:
         prefixes = (prefix,) if type(prefix) is str else prefix
         line = self._line
         if line is not None:
-            raw = self._raw
-            if raw is None:
-                raw = self._raw = _index(line, self._pstart)
+            raw = self._indexed()
             if raw is False:
                 start = self._pstart
                 if any(line.find(":" + pre, start) >= 0 for pre in prefixes):

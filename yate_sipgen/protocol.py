@@ -718,8 +718,8 @@ class Encoder:
         if wire is not None:  # params already in wire form (from Yate, or built so)
             try:
                 data = "".join(("%%>message:", escape(id), ":", stamp, ":", escape(msg.name),
-                                ":", escape(msg.retval), wire or fwd or ":", wire and fwd,
-                                "\n")).encode(ENCODING, ERRORS)
+                                ":", escape(msg.retval), wire + fwd or ":", "\n")).encode(
+                                    ENCODING, ERRORS)
             except UnicodeEncodeError as e:
                 raise LocalProtocolError(f"text cannot be encoded: {e}") from None
             if len(data) > self.max_line + 1:

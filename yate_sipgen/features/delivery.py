@@ -382,7 +382,7 @@ class Deliverer:
         wire = [":method=MESSAGE:uri=", escape(target.callto[4:]), ":wait=true:antiloop=",
                 str(out.antiloop), ":sip_From=", hdrs[0], ";tag=", escape(out.from_tag),
                 ":sip_To=", hdrs[1], ":sip_Call-ID=", escape(out.call_id),
-                ":sip_CSeq=1 MESSAGE:sip_Date=", http_date(out.received).replace(":", "%z"),
+                ":sip_CSeq=1 MESSAGE:sip_Date=", escape(http_date(out.received)),
                 ":xsip_type=", hdrs[2], ":xsip_body=", body]
         if out.body_encoding:
             wire += (":xsip_body_encoding=", escape(out.body_encoding))

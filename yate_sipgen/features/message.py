@@ -538,8 +538,9 @@ class MessageFeature:
 
     def _route_request(self, inb: Inbound, msg: Message | None, timeout: float) -> Any:
         """Dispatch the call.route for ``inb``; awaits to Yate's answer (or a ready Route)."""
-        params = {"caller": inb.sender_user, "domain": inb.sender_host,
-                  "module": "sipgen", "xsip_type": inb.out.content_type}
+        params = {} if inb.route_wire is not None else {  # (route_wire: made from these)
+            "caller": inb.sender_user, "domain": inb.sender_host, "module": "sipgen",
+            "xsip_type": inb.out.content_type}
         return self.deliverer.route_request(
             inb.rcpt_user, inb.rcpt_host, params, timeout=max(timeout, 0.05),
             forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "",
