@@ -379,6 +379,52 @@ class TestYateSideRoundTrip:
         for pre in plain:
             assert lazy.has_prefix(pre) == any(k.startswith(pre) for k in decoded)
 
+    @given(IDS, st.booleans(), VALUES, YATE_PARAM_LISTS, st.lists(YATE_NAMES, max_size=4),
+           st.data())
+    @example("0x1.2", False, "m", [("a", "x%:y"), ("b", "1")], ["a"], None)
+    def test_wire_forms_stay_as_they_came_until_changed(self, mid, answer, name, params, asked,
+                                                         data):
+        """A param read (and so unescaped) is still forwarded as it came on the line; once
+        set or deleted, its new value is escaped from what was set, and the untouched
+        index is no longer offered whole."""
+        msg = Message(name, params)
+        line = (p.yate_answer_line(msg, mid, True) if answer
+                else p.yate_message_line(msg, mid, 0))[:-1]
+        lazy = p.parse_yate_line(line).message
+        decoded = p.parse_yate_line(line).message.params
+        names = [k for k, _ in params] + asked
+        plain = tuple(dict.fromkeys(k for k in names if k and "=" not in k
+                                    and p.escape(k) == k))
+        for k in names:
+            lazy.get(k)  # the reads cache unescaped values
+        want = {k: p.escape(decoded[k]) for k in plain if k in decoded}
+        assert lazy.wire_params(plain) == "".join(":" + k + "=" + v for k, v in want.items() if v)
+        for k in plain:
+            assert lazy.wire(k) == want.get(k)
+        values = lazy.wire_values()
+        if answer or any(k not in plain for k in names):
+            # an answer is searched, not indexed; reading a name whose wire form differs
+            # decoded the whole list
+            assert values is None
+        else:
+            assert values is not None
+            for k in plain:
+                assert values.get(k) == want.get(k)
+        if not plain or data is None:
+            return
+        changed = data.draw(st.sampled_from(plain))
+        new = data.draw(VALUES)
+        lazy[changed] = new
+        want[changed] = p.escape(new)
+        dropped = data.draw(st.sampled_from(plain))
+        if dropped != changed:
+            del lazy[dropped]
+            want.pop(dropped, None)
+        assert lazy.wire_values() is None
+        assert lazy.wire_params(plain) == "".join(":" + k + "=" + v for k, v in want.items() if v)
+        for k in plain:
+            assert lazy.wire(k) == want.get(k)
+
     @given(IDS | st.just(""), st.booleans(), VALUES, VALUES, YATE_PARAM_LISTS)
     @example("", True, "call.route", "", [])
     def test_answer_and_watch_lines_from_yate_round_trip(self, mid, handled, name, retval, params):

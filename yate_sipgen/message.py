@@ -333,18 +333,19 @@ class Message:
         p = self._p
         line = self._line
         raw = self._indexed() if line is not None else False
+        changes = self.changes
         for k in keys:
+            if raw is not False and (changes is None or k not in changes):
+                v = raw.get(k)  # type: ignore[union-attr]
+                if v:  # as it came on the line (a value read since is only unescaped)
+                    out.append(":" + k + "=" + v)
+                continue
             v = p.get(k, _MISS)
             if v is not _MISS:
                 if v is not _ABSENT and v:
                     out.append(":" + k + "=" + escape(v))  # type: ignore[operator]
                 continue
-            if line is None:
-                continue
-            if raw is not False:
-                v = raw.get(k)  # type: ignore[union-attr]
-                if v:
-                    out.append(":" + k + "=" + v)
+            if line is None or raw is not False:
                 continue
             needle = _NEEDLES.get(k) or _needle(k)
             i = line.find(needle, self._pstart)
@@ -381,12 +382,21 @@ class Message:
 
     def wire(self, key: str) -> str | None:
         """The first value of ``key`` as escaped on Yate's wire (``None`` when absent): from
-        the line as it came when it is there unchanged, else escaped now."""
-        if key not in self._p and self._line is not None and self._raw is not False and (
+        the line as it came while that param is unchanged, else escaped now."""
+        if self._line is not None and self._raw is not False and (
+                self.changes is None or key not in self.changes) and (
                 key in _NEEDLES or _needle(key) is not None):
             return self._indexed().get(key)  # type: ignore[union-attr]
         v = self.get(key)
         return None if v is None else escape(v)
+
+    def wire_values(self) -> "dict[str, str] | None":
+        """Every param as escaped on Yate's wire (first value of each name, names in wire
+        form too), while this is a request from Yate with nothing changed yet; else ``None``
+        (then use :meth:`wire` per name). Read-only: the message's own index."""
+        if self._line is None or self._raw is False or self.changes is not None:
+            return None
+        return self._indexed()  # type: ignore[return-value]
 
     def has_prefix(self, prefix: str | tuple[str, ...]) -> bool:
         """Is there a param whose name starts with ``prefix`` (or one of several; plain name

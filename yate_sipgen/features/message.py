@@ -395,23 +395,26 @@ class MessageFeature:
 
     def _inbound(self, msg: Message, hops: int) -> Inbound:
         """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse."""
-        get = msg.get
-        # who sends to whom: the same for every message between two parties (a conversation)
-        frm_text = get("sip_from") or ""
+        # who sends to whom: the same for every message between two parties (a conversation);
+        # the key is read in wire form, straight from the line's index when it is untouched
+        raw = msg.wire_values()
+        wget = raw.get if raw is not None else msg.wire
+        frm_text = wget("sip_from") or ""
         cut = frm_text.rfind(";tag=")
         if cut > 0 and frm_text[cut - 1] == ">":  # the tag alone differs between messages
             tag = frm_text[cut + 5:]
             if tag.isascii() and tag.replace("-", "").replace(".", "").isalnum():
                 frm_text = frm_text[:cut]
-        key = (frm_text, get("sip_uri") or "", get("called") or "", get("username") or "",
-               get("in_line") or "", get("caller") or "", get("callername") or "",
-               get("xsip_type") or "", get("sip_content-type") or "",
-               get("sip_auto-submitted") or "")
+        key = (frm_text, wget("sip_uri") or "", wget("called") or "", wget("username") or "",
+               wget("in_line") or "", wget("caller") or "", wget("callername") or "",
+               wget("xsip_type") or "", wget("sip_content-type") or "",
+               wget("sip_auto-submitted") or "")
+        get = msg.get
         parties = self._parties.get(key)
         body = get("xsip_body") or ""
         if parties is None:
             try:
-                parties = self._parties_of(msg, key)
+                parties = self._parties_of(msg)
             except Refusal as e:
                 if e.code != 415:  # the media type is checked first, then the body
                     self._body_extra(msg, body)
@@ -448,13 +451,13 @@ class MessageFeature:
     #: Sender/recipient pairs whose checked headers are kept (cleared when full or reloaded).
     PARTIES_CACHE = 4096
 
-    def _parties_of(self, msg: Message, key: tuple[str, ...]) -> "_Parties":
-        """The checks and headers that depend only on who sends to whom (``key``: the params
-        they are taken from); raises :class:`Refusal`."""
+    def _parties_of(self, msg: Message) -> "_Parties":
+        """The checks and headers that depend only on who sends to whom (the params of
+        :meth:`_inbound`'s cache key); raises :class:`Refusal`."""
         cfg = self.cfg
         get = msg.get
-        xtype = key[7]
-        ctype_full = key[8] or xtype
+        xtype = get("xsip_type") or ""
+        ctype_full = get("sip_content-type") or xtype
         media = media_type(xtype or ctype_full)
         if media not in cfg["_types"]:  # "" (no type) is never in it
             raise unsupported_media(media, cfg["_accept"])
@@ -464,15 +467,16 @@ class MessageFeature:
         sender = requester(msg, frm, cfg["_trusted"], cfg["_auth_required"],
                            cfg["allow_from_mismatch"])
         sender_user = sender.user
-        ruri = parse_uri(key[1])
-        if ruri is None or not (ruri.user or key[2]):
+        ruri = parse_uri(get("sip_uri") or "")
+        called = get("called") or ""
+        if ruri is None or not (ruri.user or called):
             raise Refusal(404 if ruri else 400, "no recipient in the Request-URI")
-        rcpt_user = ruri.user or key[2]
+        rcpt_user = ruri.user or called
         foreign = self.domains.is_foreign(ruri.host)
         if foreign and not (cfg["relay_foreign"] and sender.vouched):
             raise Refusal(403, f"{ruri.host} is not a domain we serve")
         try:
-            display = frm.display or key[6]
+            display = frm.display or get("callername") or ""
             from_uri = f"sip:{sender_user}@{frm.uri.host}" + (
                 f":{frm.uri.port}" if frm.uri.port else "")
             from_hdr = format_name_addr(from_uri, display)
