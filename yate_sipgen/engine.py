@@ -11,6 +11,11 @@ Features register with the small public API::
     answered = await engine.dispatch(Message("call.route", {...}), timeout=5)
     engine.enqueue(Message("msg.execute", {...}))    # fire-and-forget: empty id, no answer
 
+A handler on the hot path may instead be *deferred* (``add_handler(..., deferred=True)``): a
+plain function that answers at once (returns a bool) or hands back the :class:`Job` (or the
+Flow, :meth:`Engine.run_flow`) that will answer; a Job goes on from Yate's answers by callbacks
+(:meth:`Job.wait`), without a coroutine to step.
+
 Yate allows one install and one watch per message name per script (reference §1.4.4, §1.4.6),
 so the engine installs each name once and fans out to every registered handler itself, in
 priority order, applying each handler's filter. Plain (non-async) handlers run inline, without
@@ -61,6 +66,142 @@ class _Dispatched(Waiter):
         return Waiter.cancel(self, msg)
 
 
+class _Then:
+    """A pending dispatch whose answer calls a :class:`Job` back (no Waiter, no Flow): what
+    :meth:`Job.wait` keeps in the engine's table of pending dispatches."""
+
+    __slots__ = ("mid", "expires", "what", "secs", "engine", "session", "job", "then",
+                 "_done")
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, value: Any) -> None:
+        if not self._done:
+            self._done = True
+            self.job._go(self.then, value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._done:
+            self._done = True
+            self.job._go(self.then, None, exc)
+
+    def cancel(self) -> None:
+        """Stop waiting (the job was cancelled): no callback."""
+        if not self._done:
+            self._done = True
+            self.engine._forget(self.mid, self.session)
+
+
+class Job:
+    """A handler's work on one message that goes on from Yate's answers by callbacks.
+
+    The hot path's alternative to a coroutine: a deferred handler creates one, calls
+    :meth:`start` (which registers it as the message's running work), and waits for
+    Yate's answers (:meth:`wait`); each ``then(answer, exc)`` callback runs right where the
+    answer is read. It ends with exactly one of :meth:`finish` (answer now), :meth:`hand_over` (go on
+    as a coroutine, in a Flow) or a failure: a callback that raises is logged, the job
+    released and the message answered as a failure. Subclasses override :meth:`release` to
+    give back what they hold; it runs when the job is cancelled (the answer deadline, the
+    connection closing) or fails, never after :meth:`finish` / :meth:`hand_over`.
+    """
+
+    __slots__ = ("engine", "msg", "_pending", "_over", "_waiter", "_waiter_then")
+
+    def __init__(self, engine: "Engine", msg: Message) -> None:
+        self.engine = engine
+        self.msg = msg
+        self._pending: _Then | None = None
+        self._over = False
+        self._waiter: Waiter | None = None
+        self._waiter_then: Any = None
+
+    def start(self) -> "Job":
+        """Register as ``msg``'s running work, then run :meth:`run` (failures handled)."""
+        self.engine._job_begin(self)
+        self._go(self._run_first, None, None)
+        return self
+
+    def _run_first(self, _answer: Any, _exc: BaseException | None) -> None:
+        self.run()
+
+    def run(self) -> None:
+        """The first step (override)."""
+        raise NotImplementedError
+
+    def wait(self, msg: Message, then: Callable[[Message | None, BaseException | None], None],
+             timeout: float | None = None) -> None:
+        """Dispatch ``msg``; ``then(answer, None)`` on Yate's answer (``.handled`` set), or
+        ``then(None, exc)`` with :class:`DispatchTimeout` / :class:`DispatchCancelled`.
+        Raises as :meth:`Engine.dispatch` does when the message cannot be sent."""
+        self._pending = self.engine._dispatch_then(msg, self, then, timeout)
+
+    def wait_for(self, waiter: Waiter, then: Callable[[None, BaseException | None], None]
+                 ) -> None:
+        """Go on with ``then(None, exc)`` once ``waiter`` (an engine :class:`Waiter`, such as
+        a gate's) is set; ``exc`` is what it was failed with, or None."""
+        self._waiter = waiter
+        self._waiter_then = then
+        if waiter.done():
+            self.engine.runq.push(self, None, waiter)  # type: ignore[arg-type]
+        else:
+            waiter._flow = self  # type: ignore[assignment]
+
+    def step(self, exc: BaseException | None = None, token: Any = None) -> None:
+        """What the run queue calls when the awaited Waiter is set (as it steps a Flow)."""
+        w = self._waiter
+        if self._over or w is None or token is not w:
+            return  # over, or a stale wake-up
+        self._waiter = None
+        self._go(self._waiter_then, None, exc if exc is not None else w._exc)
+
+    def finish(self, handled: bool = True) -> None:
+        """Done: answer the message (unless answered already) with its changes."""
+        if self.engine._job_end(self):
+            msg = self.msg
+            if not msg.answered:
+                self.engine._answer(msg, handled)
+
+    def hand_over(self, coro: Any) -> None:
+        """Go on as the coroutine ``coro`` (its return value is the handled flag, as for an
+        inline handler)."""
+        if self.engine._job_end(self, keep_count=True):
+            # its first step runs now, as the rest of this step (what this job woke, such as
+            # the next holder of a lock it gave up, goes on after it, as after a Flow's step)
+            self.engine._flow_for(self.msg, coro, now=True)
+
+    def cancel(self) -> bool:
+        """Stop (the answer deadline or the connection's end): stop waiting, release."""
+        if self._over:
+            return False
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+        w, self._waiter = self._waiter, None
+        if w is not None and w._flow is self:  # type: ignore[comparison-overlap]
+            w._flow = None
+        self.engine._job_end(self)
+        self.release()
+        return True
+
+    def release(self) -> None:
+        """Give back what the job holds (override); it will not be called back again."""
+
+    def _go(self, then: Callable[[Any, BaseException | None], None], answer: Any,
+            exc: BaseException | None) -> None:
+        self._pending = None
+        # a step of the run queue: a flow or job this one wakes (the recipient's lock passed
+        # on) goes on after this callback, as it would after a Flow's step
+        self.engine.runq.run(self._call, then, answer, exc)
+
+    def _call(self, then: Callable[[Any, BaseException | None], None], answer: Any,
+              exc: BaseException | None) -> None:
+        try:
+            then(answer, exc)
+        except Exception as e:  # noqa: BLE001 - a bug in the job: the message still gets answered
+            self.engine._job_failed(self, e)
+
+
 @dataclass(slots=True)
 class _Entry:
     func: Handler
@@ -69,6 +210,7 @@ class _Entry:
     is_async: bool
     owner: str
     inline: bool = False
+    deferred: bool = False
 
 
 @dataclass(slots=True)
@@ -79,6 +221,7 @@ class _Route:
     all_sync: bool = True
     inline: bool = True  # every async handler may run in a Flow (see flow.py)
     single: Handler | None = None  # the only entry, inline async without a filter
+    deferred: Handler | None = None  # the only entry, a deferred handler (see Job)
 
     def install_args(self) -> tuple[int, str | None, str | None]:
         prio = min(e.priority for e in self.entries)
@@ -137,24 +280,33 @@ class Engine:
 
     def add_handler(self, name: str, func: Handler, *, priority: int = 100,
                     filter: tuple[str, str] | None = None, owner: str = "",
-                    inline: bool = False) -> None:
+                    inline: bool = False, deferred: bool = False) -> None:
         """Register ``func`` for ``name``.
 
         ``inline=True`` (async handlers): run it in a :class:`~yate_sipgen.flow.Flow` instead
         of an asyncio Task: no Task, and each answer from Yate it awaits resumes it within the
         same read. Its code must not need ``asyncio.current_task()`` (no ``asyncio.timeout``;
         no ``asyncio.wait_for`` on Python 3.12+).
+
+        ``deferred=True`` (a plain function): it returns a bool when it has decided at once
+        (handled or not), or the work it started that answers later: a :class:`Job`
+        (``job.start()``) or :meth:`run_flow`'s Flow. Handlers after it then do not run.
+        As a name's only handler it is called straight from the input.
         """
         p.check_raw(name, "message name")
         route = self.routes.setdefault(name, _Route())
         is_async = inspect.iscoroutinefunction(func)
-        route.entries.append(_Entry(func, priority, filter, is_async, owner, inline))
+        if deferred and is_async:
+            raise ValueError(f"a deferred handler of {name} must be a plain function")
+        route.entries.append(_Entry(func, priority, filter, is_async, owner, inline, deferred))
         route.entries.sort(key=lambda e: e.priority)
-        route.all_sync = not any(e.is_async for e in route.entries)
+        route.all_sync = not any(e.is_async or e.deferred for e in route.entries)
         route.inline = all(e.inline for e in route.entries if e.is_async)
         only = route.entries[0] if len(route.entries) == 1 else None
         route.single = (only.func if only is not None and only.is_async and only.inline
                         and only.filter is None else None)
+        route.deferred = (only.func if only is not None and only.deferred
+                          and only.filter is None else None)
 
     def watcher(self, name: str) -> Callable[[Watcher], Watcher]:
         """Decorator: be told about every dispatched ``name`` (post-dispatch, no answer)."""
@@ -200,14 +352,16 @@ class Engine:
         s = self.session
         self.session = None
         self._write = None
+        self._early = []
+        # the running work first (a Job stops waiting and releases what it holds; a Flow is
+        # thrown CancelledError where it waits), then whatever else waits for an answer
+        for task in list(self._tasks.values()):
+            task.cancel()
+        self._tasks.clear()
         pending = list(self._futures.values())
         self._futures.clear()
         for fut in pending:
             fut.set_exception(DispatchCancelled("connection to Yate closed"))
-        self._early = []
-        for task in self._tasks.values():
-            task.cancel()
-        self._tasks.clear()
         if s is not None:
             s.incoming.clear()
         if self._deadline_timer:
@@ -285,6 +439,10 @@ class Engine:
             self.stats.events["overload"] += 1
             self._fail(msg, 503, RETRY_AFTER)
             return
+        deferred = route.deferred
+        if deferred is not None:
+            self._run_deferred(msg, deferred)
+            return
         if route.inline:
             self._flows += 1
             single = route.single
@@ -301,6 +459,91 @@ class Engine:
             if timer is not None:
                 timer.cancel()
             self._arm_deadline(msg.deadline)
+
+    def _run_deferred(self, msg: Message, func: Handler) -> None:
+        try:
+            r = func(msg)
+        except Exception:
+            self.stats.events["handler_error"] += 1
+            log.exception("handler for %s failed", msg.name)
+            task = self._tasks.get(msg.id)
+            if task is not None:
+                task.cancel()
+            self._fail(msg, 500)
+            return
+        if msg.id in self._tasks:  # it goes on (a Job or a Flow): the deadline watches it
+            self._watch(msg)
+        elif not msg.answered:
+            self._answer(msg, bool(r))
+
+    def _watch(self, msg: Message) -> None:
+        timer = self._deadline_timer
+        if timer is None or msg.deadline < self._deadline_at:  # earlier after a reload
+            if timer is not None:
+                timer.cancel()
+            self._arm_deadline(msg.deadline)
+
+    def run_flow(self, msg: Message, coro: Any) -> Flow:
+        """From a deferred handler: go on as the coroutine ``coro`` (it answers ``msg`` with
+        its return value, as an inline handler does)."""
+        self._flows += 1
+        return self._flow_for(msg, coro)
+
+    def _flow_for(self, msg: Message, coro: Any, now: bool = False) -> Flow:
+        flow = Flow(coro, self.runq, self._single_done, msg)
+        self._tasks[msg.id] = flow
+        if now:
+            flow.step()
+        else:
+            flow.start()
+        return flow
+
+    # -- jobs (see Job) ------------------------------------------------------------------------
+    def _job_begin(self, job: Job) -> None:
+        self._flows += 1  # counted as a flow: no Task to flush after
+        self._tasks[job.msg.id] = job
+
+    def _job_end(self, job: Job, keep_count: bool = False) -> bool:
+        """The job is over (False if it was already): forget it as the message's work."""
+        if job._over:
+            return False
+        job._over = True
+        mid = job.msg.id
+        if self._tasks.get(mid) is job:
+            del self._tasks[mid]
+        if not keep_count:
+            self._flows -= 1
+        return True
+
+    def _job_failed(self, job: Job, exc: BaseException) -> None:
+        msg = job.msg
+        self.stats.events["handler_error"] += 1
+        log.error("handler for %s failed%s", msg.name, " after answering" if msg.answered else "",
+                  exc_info=exc)
+        job.cancel()  # releases what it holds, unless it had ended already
+        self._fail(msg, 500)  # (nothing when it was answered)
+
+    def _dispatch_then(self, msg: Message, job: Job, then: Any, timeout: float | None) -> _Then:
+        s = self.session
+        if s is None:
+            raise DispatchCancelled("not connected to Yate")
+        mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
+        t = _Then()
+        t.mid = mid
+        secs = t.secs = self.dispatch_timeout if timeout is None else timeout
+        t.expires = self._clock() + secs
+        t.what = msg.name
+        t.engine = self
+        t.session = s
+        t.job = job
+        t.then = then
+        t._done = False
+        self._futures[mid] = t  # type: ignore[assignment]
+        if not self.runq.active:
+            self._schedule_flush()
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
+        return t
 
     def _single_done(self, flow: Flow, handled: Any, exc: BaseException | None) -> None:
         """The end of a Flow running a route's only handler: what :meth:`_run` does after it."""
@@ -352,6 +595,8 @@ class Engine:
                 if f is not None and (msg.get(f[0]) or "") != f[1]:
                     continue
                 r = e.func(msg)
+                if e.deferred and r is not None and type(r) is not bool:
+                    return  # the work it started is the message's now, and answers it
                 if e.is_async:
                     r = await r
                 if r:

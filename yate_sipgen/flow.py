@@ -73,6 +73,23 @@ class RunQueue:
             loop = self._loop or asyncio.get_running_loop()
             loop.call_soon(self._drain_soon)
 
+    def run(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run ``fn(*args)`` now as one step of the queue: the flows (and jobs) it makes
+        ready run after it returns, in order, never inside it. (A callback of the engine's
+        own, such as a Job's, goes through here.)"""
+        if self._running:
+            fn(*args)  # inside a drain already: what it wakes waits its turn
+            return
+        self._running = True
+        try:
+            fn(*args)
+            ready = self._ready
+            while ready:
+                f, e, t = ready.popleft()
+                f.step(e, t)
+        finally:
+            self._running = False
+
     def _drain_soon(self) -> None:
         self._scheduled = False
         self.active = True

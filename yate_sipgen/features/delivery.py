@@ -116,6 +116,10 @@ class CountGate:
         self._waiters: deque[Any] = deque()
         self._new = new_waiter or _loop_future
 
+    def free(self) -> bool:
+        """Would :meth:`enter` let one in at once?"""
+        return self.active < self.limit and not self._waiters
+
     def enter(self) -> asyncio.Future[None] | None:
         if self.active < self.limit and not self._waiters:
             self.active += 1
@@ -167,6 +171,18 @@ class Route:
     targets: list[Target]
     code: int = 0  # failure code when there is no target
     offline: bool = False  # known user, not registered: worth storing
+
+
+def route_of(answer: Message | None, exc: BaseException | None) -> Route:
+    """The route Yate's answer to our ``call.route`` gives (:func:`parse_route`), or, when
+    it did not answer (``exc``): 503 for a timeout, 500 when the connection went."""
+    if exc is None:
+        return parse_route(answer)  # type: ignore[arg-type]
+    if isinstance(exc, DispatchTimeout):
+        return Route([], 503)
+    if isinstance(exc, DispatchCancelled):
+        return Route([], 500)
+    raise exc
 
 
 def parse_route(answer: Message) -> Route:
@@ -295,9 +311,14 @@ class Deliverer:
                                                     forwarded))
 
     def route_request(self, called: str, called_domain: str, params: dict[str, str],
-                      timeout: float | None = None, forwarded: str = "",
-                      wire: str | None = None) -> Any:
-        """Dispatch the ``call.route``; the awaitable gives Yate's answer (see :func:`parse_route`).
+                      timeout: float | None = None, forwarded: str = "") -> Any:
+        """Dispatch the ``call.route``; the awaitable gives Yate's answer (see :func:`parse_route`)."""
+        return self.engine.dispatch(self.route_message(called, called_domain, params, forwarded),
+                                    timeout=timeout or self.route_timeout)
+
+    def route_message(self, called: str, called_domain: str, params: dict[str, str],
+                      forwarded: str = "", wire: str | None = None) -> Message:
+        """Our ``call.route route_type=msg`` for ``called@called_domain``.
 
         ``forwarded`` are wire-form params of the sender's message (:meth:`Message.wire_params`);
         ``wire``: what :meth:`route_wire` gives for ``called``, ``called_domain`` and
@@ -305,8 +326,7 @@ class Deliverer:
         """
         if wire is None:
             wire = self.route_wire(called, called_domain, params)
-        return self.engine.dispatch(Message.from_wire_params("call.route", wire + forwarded),
-                                    timeout=timeout or self.route_timeout)
+        return Message.from_wire_params("call.route", wire + forwarded)
 
     @staticmethod
     def route_wire(called: str, called_domain: str, params: dict[str, str]) -> str:
@@ -346,13 +366,13 @@ class Deliverer:
             await slots.wait(waiter)
         try:
             if target.callto[:4] == "sip/":
-                engine = self.engine
-                now = engine.now
-                started = now()
-                answer = await engine.dispatch(self.xsip_message(out, target),
-                                               self.delivery_timeout)
-                self.delivery_time += (now() - started - self.delivery_time) * 0.2
-                return _code_of(answer)
+                started = self.engine.now()
+                try:
+                    answer = await self.engine.dispatch(self.xsip_message(out, target),
+                                                        self.delivery_timeout)
+                except (DispatchTimeout, DispatchCancelled) as e:
+                    return self.sip_outcome(started, None, e)
+                return self.sip_outcome(started, answer, None)
             if self.other_targets == "reject":
                 return 404
             return await self._msg_execute(out, target)
@@ -361,10 +381,28 @@ class Deliverer:
         except DispatchCancelled:
             return 0
         except LocalProtocolError as e:  # too big for Yate's line, NUL in a value, ...
-            log.warning("cannot send MESSAGE for %s to %s: %s", out.user, target.callto, e)
-            return 413
+            return self.cannot_send(out, target, e)
         finally:
             slots.leave()
+
+    def sip_outcome(self, started: float, answer: Message | None,
+                    exc: BaseException | None) -> int:
+        """The SIP code of one ``xsip.generate`` sent at ``started``: its answer, or 408 when
+        Yate did not answer in time, 0 when the connection went (``exc``)."""
+        if exc is not None:
+            if isinstance(exc, DispatchTimeout):
+                return 408
+            if isinstance(exc, DispatchCancelled):
+                return 0
+            raise exc
+        self.delivery_time += (self.engine.now() - started - self.delivery_time) * 0.2
+        return _code_of(answer)  # type: ignore[arg-type]
+
+    @staticmethod
+    def cannot_send(out: Outgoing, target: Target, e: LocalProtocolError) -> int:
+        """What a MESSAGE Yate could not take is counted as (413), logged."""
+        log.warning("cannot send MESSAGE for %s to %s: %s", out.user, target.callto, e)
+        return 413
 
     @staticmethod
     def xsip_message(out: Outgoing, target: Target) -> Message:

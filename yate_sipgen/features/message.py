@@ -41,7 +41,8 @@ from .identity import requester, trusted_lines
 from .offline import OfflineStore
 from .ratelimit import RateLimiter
 from .registrations import Registrations
-from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target, parse_route
+from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target, route_of
+from .relay import RelayJob
 from .validation import Refusal, hops as _hops, too_big, unsupported_media
 
 log = logging.getLogger("yate_sipgen.message")
@@ -154,6 +155,8 @@ key(S, "route_offline_priority", "int", 150,
 SENT_FROM_STORE = -2
 #: _deliver_live: the queue for the recipient would outlast the answer deadline.
 SPILL = -3
+#: _deliver_routed: the message was stored and answered already (the recipient's queue).
+ANSWERED = -4
 NEVER_AUTO_ANSWER = ("application/im-iscomposing+xml", "message/imdn+xml")
 #: Margin kept before the answer deadline to store the message and answer 202.
 STORE_RESERVE = 0.5
@@ -306,13 +309,13 @@ class MessageFeature:
         if not m["enable"]:
             return
         self.engine.add_handler("sip.message", self.on_sip_message, priority=m["priority"],
-                                owner="message", inline=True)
+                                owner="message", deferred=True)
         self.engine.watcher("user.register")(self.offline.on_register)
         self.engine.watcher("user.unregister")(self.registrations.unregistered)
         if m["msg_execute"]:
             self.engine.add_handler("msg.execute", self.on_msg_execute,
                                     priority=m["msg_execute_priority"], owner="message",
-                                    inline=True)
+                                    deferred=True)
             if m["route_offline"]:
                 self.engine.add_handler("call.route", self.on_route_offline,
                                         priority=m["route_offline_priority"],
@@ -370,7 +373,9 @@ class MessageFeature:
     def _refuse(self, msg: Message, e: Refusal) -> bool:
         return self._reject(msg, e.code, e.reason, **e.headers)
 
-    async def on_sip_message(self, msg: Message) -> bool:
+    def on_sip_message(self, msg: Message) -> Any:
+        """Our sip.message handler (deferred: True when answered at once, else the work that
+        answers)."""
         c = self.counters
         c["received"] += 1
         cfg = self.cfg
@@ -380,7 +385,7 @@ class MessageFeature:
         if hops <= 0:
             return self._reject(msg, 483, "antiloop exhausted")
         if "id" in msg:
-            return await self._in_call(msg, hops)
+            return self.engine.run_flow(msg, self._in_call(msg, hops))
         if header_param(msg.get("sip_to", ""), "tag"):
             return self._reject(msg, 481, "To tag of no known dialog")
         try:
@@ -391,7 +396,7 @@ class MessageFeature:
                  inb.out.content_type, len(inb.out.body))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("MESSAGE body for %s: %s", inb.out.user, inb.out.body)
-        return await self._relay(msg, inb, None)
+        return self._relay(msg, inb, None)
 
     def _inbound(self, msg: Message, hops: int) -> Inbound:
         """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse."""
@@ -540,84 +545,144 @@ class MessageFeature:
     ROUTE_PARAMS = ("username", "callername", "in_line", "ip_host", "ip_port", "ip_transport",
                     "address", "connection_id", "antiloop", "sip_uri", "billid")
 
-    def _route_request(self, inb: Inbound, msg: Message | None, timeout: float) -> Any:
-        """Dispatch the call.route for ``inb``; awaits to Yate's answer (or a ready Route)."""
+    def _route_message(self, inb: Inbound, msg: Message | None) -> Message:
+        """Our call.route for ``inb`` (``msg``: the sender's message, whose routing params
+        are forwarded)."""
         params = {} if inb.route_wire is not None else {  # (route_wire: made from these)
             "caller": inb.sender_user, "domain": inb.sender_host, "module": "sipgen",
             "xsip_type": inb.out.content_type}
-        return self.deliverer.route_request(
-            inb.rcpt_user, inb.rcpt_host, params, timeout=max(timeout, 0.05),
+        return self.deliverer.route_message(
+            inb.rcpt_user, inb.rcpt_host, params,
             forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "",
             wire=inb.route_wire)
 
-    async def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
-        """The sender's rate, then the answer mode, then delivery; shared by both set-ups."""
+    def _route_budget(self, msg: Message) -> float:
+        """Seconds Yate's routing may take: what is left before the answer deadline (less
+        the time to store and answer 202), or the routing timeout once answered."""
+        budget = (msg.deadline - STORE_RESERVE - self.engine.now() if not msg.answered
+                  else self.deliverer.route_timeout)
+        return max(budget, 0.05)
+
+    def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> Any:
+        """The sender's rate, then the answer mode, then delivery; shared by both set-ups.
+        Returns True (answered) or the work that answers (see Engine's deferred handlers)."""
         if self._over_rate(msg, inb.out.sender):
             return True
         if self.cfg["mode"] == "accept":
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
-        return await self._deliver_and_answer(msg, inb, route)
+        return RelayJob(self, msg, inb, route).start()
 
-    async def _lookup(self, msg: Message, inb: Inbound) -> Route:
+    def _known_route(self, inb: Inbound) -> Route | None:
+        """The route when no call.route is needed: a foreign host (relay_foreign) or, with
+        routing=registrations, the one contact we saw the user register."""
         if inb.foreign:  # relay_foreign: straight to the Request-URI
             return Route([Target("sip/" + f"sip:{inb.rcpt_user}@{inb.rcpt_host}")])
         if self.cfg["routing"] == "registrations":
             target = self.registrations.target(inb.out.user)
             if target is not None:
                 return Route([target])
-        budget = (msg.deadline - STORE_RESERVE - self.engine.now() if not msg.answered
-                  else self.deliverer.route_timeout)
+        return None
+
+    async def _lookup(self, msg: Message, inb: Inbound) -> Route:
+        route = self._known_route(inb)
+        if route is not None:
+            return route
         try:
-            return parse_route(await self._route_request(inb, msg, budget))
-        except DispatchTimeout:
-            return Route([], 503)
-        except DispatchCancelled:
-            return Route([], 500)
+            answer = await self.engine.dispatch(self._route_message(inb, msg),
+                                                timeout=self._route_budget(msg))
+        except (DispatchTimeout, DispatchCancelled) as e:
+            return route_of(None, e)
+        return route_of(answer, None)
 
     async def _deliver_and_answer(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
         """Route (unless ``route`` is given), deliver, and answer with the truthful code.
 
-        Shared by the sip.message and msg.execute paths. If the answer deadline comes first,
-        the message is stored and answered 202 at once (an unanswered msg.execute would go on
-        to ysipchan and be sent twice); the late outcome then settles the stored copy.
+        Shared by the sip.message and msg.execute paths (their usual case runs as a
+        :class:`RelayJob`, which goes on here where anything makes it wait). If the answer
+        deadline comes first, the message is stored and answered 202 at once (an unanswered
+        msg.execute would go on to ysipchan and be sent twice); the late outcome then settles
+        the stored copy.
         """
-        out = inb.out
-        state = _LiveState()
-        key = id(state)
-        if not msg.answered:
-            self._watch_deadline(key, msg, out, inb.media, state)
-        self._live += 1
-        try:
-            if route is None:
+        state = self._live_begin(msg, inb)
+        if route is None:
+            try:
                 route = await self._lookup(msg, inb)
-            if route.targets:
-                code = await self._deliver_live(msg, out, route.targets, state, inb.media)
-                if code == SPILL:
-                    state.spilling = True  # the deadline watch must not store it twice
-                    if await self.offline.add(out, inb.media):
-                        self.counters["spilled"] += 1
-                        return self._answer(msg, 202)
-                    # cannot be stored (limits) and the queue would outlast the deadline:
-                    # the truth now (recipient unavailable) rather than a late answer
-                    return self._answer(msg, 480)
-            else:
-                code = 0 if route.offline and route.code == 480 else route.code
+            except BaseException:
+                self._live_end(state)
+                raise
+        return await self._after_lookup(msg, inb, route, state)
+
+    def _live_begin(self, msg: Message, inb: Inbound) -> "_LiveState":
+        """A live delivery starts: counted, and watched against the answer deadline."""
+        state = _LiveState()
+        if not msg.answered:
+            self._watch_deadline(id(state), msg, inb.out, inb.media, state)
+        self._live += 1
+        return state
+
+    def _live_end(self, state: "_LiveState") -> None:
+        self._live -= 1
+        self._deadlines.pop(id(state), None)
+
+    async def _after_lookup(self, msg: Message, inb: Inbound, route: Route,
+                            state: "_LiveState") -> bool:
+        """Deliver along ``route`` and answer (the live delivery ``state`` ends here)."""
+        try:
+            code = await self._deliver_routed(msg, inb, route, state)
         finally:
-            self._live -= 1
-            self._deadlines.pop(key, None)
+            self._live_end(state)
+        return await self._conclude(msg, inb, state, code, route)
+
+    async def _deliver_routed(self, msg: Message, inb: Inbound, route: Route,
+                              state: "_LiveState") -> int:
+        """The SIP code of the live attempt (see :meth:`_deliver_live`); ``ANSWERED`` when
+        the recipient's queue made us store the message and answer already."""
+        if not route.targets:
+            return 0 if route.offline and route.code == 480 else route.code
+        out = inb.out
+        code = await self._deliver_live(msg, out, route.targets, state, inb.media)
+        if code != SPILL:
+            return code
+        state.spilling = True  # the deadline watch must not store it twice
+        if await self.offline.add(out, inb.media):
+            self.counters["spilled"] += 1
+            self._answer(msg, 202)
+        else:
+            # cannot be stored (limits) and the queue would outlast the deadline: the truth
+            # now (recipient unavailable) rather than a late answer
+            self._answer(msg, 480)
+        return ANSWERED
+
+    async def _conclude(self, msg: Message, inb: Inbound, state: "_LiveState", code: int,
+                        route: Route) -> bool:
+        """Answer after the live attempt ended with ``code``: delivered, stored, or the
+        failure; after a deadline store, settle the stored copy instead."""
+        if code == ANSWERED:
+            return True
+        out = inb.out
         if state.storing is not None:  # the deadline came first: 202 (or 480) already sent
             await state.storing
             await self._settle_late(out, state, code, route)
             return True
         if 200 <= code < 300:
-            self.counters["delivered"] += 1
-            return self._answer(msg, code)
+            return self._delivered(msg, code)
         if code == -1 or code in STORE_WORTHY or route.offline:
             if await self.offline.add(out, inb.media):
                 return self._answer(msg, 202)
         return self._answer(msg, self._failure_code(code, route))
+
+    def _delivered(self, msg: Message, code: int) -> bool:
+        self.counters["delivered"] += 1
+        return self._answer(msg, code)
+
+    def _sends_itself(self, route: Route, state: "_LiveState") -> bool:
+        """Can a RelayJob deliver along ``route`` itself: one ``sip/`` target, no deadline
+        store running (else :meth:`_after_lookup` does it)."""
+        targets = route.targets
+        return (len(targets) == 1 and state.storing is None
+                and targets[0].callto[:4] == "sip/")
 
     def _answer(self, msg: Message, code: int) -> bool:
         if not msg.answered:
@@ -642,7 +707,7 @@ class MessageFeature:
         return code
 
     async def _deliver_live(self, msg: Message, out: Outgoing, targets: list[Target],
-                            state: "_LiveState", media: str, spill: bool = True) -> int:
+                            state: "_LiveState", media: str) -> int:
         """Send under the user's lock (RFC 3428 §8: one pending MESSAGE per recipient), after
         the stored messages that were there before this one arrived.
 
@@ -651,23 +716,41 @@ class MessageFeature:
         message is to be stored now and answered 202; it is then sent in order once the
         messages ahead of it are through.
         """
-        d = self.deliverer
+        users = self.deliverer.users
         user = out.user
-        users = d.users
-        had_backlog = user in d.backlog  # stored before we came: those go first
-        if (spill and users.locked(user) and not msg.answered
-                and self.offline.storable(out, media)):
-            ahead = users.queued(user) + 1
-            budget = msg.deadline - STORE_RESERVE - self.engine.now()
-            if ahead >= self.MAX_QUEUE or (ahead + 1) * d.delivery_time > budget:
-                return SPILL
+        had_backlog = user in self.deliverer.backlog  # stored before we came: those go first
+        if self._must_spill(msg, out, media):
+            return SPILL
         waiter = users.enter(user)
         if waiter is not None:
             await users.wait(user, waiter)
+        return await self._deliver_locked(out, targets, state, had_backlog)
+
+    def _must_spill(self, msg: Message, out: Outgoing, media: str) -> bool:
+        """Would the queue for this recipient outlast the answer deadline (store it now)?"""
+        d = self.deliverer
+        users = d.users
+        if not users.locked(out.user) or msg.answered or not self.offline.storable(out, media):
+            return False
+        ahead = users.queued(out.user) + 1
+        budget = msg.deadline - STORE_RESERVE - self.engine.now()
+        return ahead >= self.MAX_QUEUE or (ahead + 1) * d.delivery_time > budget
+
+    def _backlog_first(self, user: str, state: "_LiveState", had_backlog: bool) -> bool:
+        """Must the user's stored messages go before this one (see :meth:`_deliver_locked`)?"""
+        return user in self.deliverer.backlog and self.offline.store is not None and (
+            had_backlog or state.storing is not None)
+
+    async def _deliver_locked(self, out: Outgoing, targets: list[Target], state: "_LiveState",
+                              had_backlog: bool) -> int:
+        """Holding the recipient's lock (given up here): its backlog first when there was one
+        before this message came (or this message was stored at the deadline meanwhile), then
+        this message. Returns what :meth:`_deliver_live` does."""
+        d = self.deliverer
+        user = out.user
         reached = False  # the recipient took a message just now
         try:
-            if user in d.backlog and self.offline.store is not None and (
-                    had_backlog or state.storing is not None):
+            if self._backlog_first(user, state, had_backlog):
                 if state.storing is not None:
                     await state.storing  # our own copy must be in the store, or not, for sure
                 ok = await d.flush_user(user, targets, None, due_only=False, hold_lock=False,
@@ -682,11 +765,25 @@ class MessageFeature:
             reached = 200 <= code < 300
             return code
         finally:
-            users.leave(user)
-            if reached and user in d.backlog and not users.locked(user):
-                # the queue is through: what was stored meanwhile (spilled) goes now, in order
-                self.engine.spawn(d.flush_user(user, targets, None, due_only=False),
-                                  f"stored delivery to {user}")
+            self._leave_user(user, targets, reached)
+
+    async def _after_lock(self, msg: Message, inb: Inbound, route: Route, state: "_LiveState",
+                          had_backlog: bool) -> bool:
+        """:meth:`_after_lookup` from the point where the recipient's lock is held."""
+        try:
+            code = await self._deliver_locked(inb.out, route.targets, state, had_backlog)
+        finally:
+            self._live_end(state)
+        return await self._conclude(msg, inb, state, code, route)
+
+    def _leave_user(self, user: str, targets: list[Target], reached: bool) -> None:
+        """The delivery to ``user`` is over (``reached``: it took the message)."""
+        d = self.deliverer
+        d.users.leave(user)
+        if reached and user in d.backlog and not d.users.locked(user):
+            # the queue is through: what was stored meanwhile (spilled) goes now, in order
+            self.engine.spawn(d.flush_user(user, targets, None, due_only=False),
+                              f"stored delivery to {user}")
 
     #: Messages waiting for one recipient before later ones are stored at once (202).
     MAX_QUEUE = 200
@@ -808,7 +905,8 @@ class MessageFeature:
         return self._answer(msg, 200)
 
     # -- Yate's own MESSAGE routing (ysipchan [message] enable=yes) ------------------------
-    async def on_msg_execute(self, msg: Message) -> bool:
+    def on_msg_execute(self, msg: Message) -> Any:
+        """Our msg.execute handler for sip/ targets (deferred, as :meth:`on_sip_message`)."""
         callto = msg.get("callto", "")
         if not (callto.startswith("sip/") or callto.startswith("sipgen/store/")):
             return False
@@ -825,10 +923,13 @@ class MessageFeature:
         if callto.startswith("sipgen/store/"):
             if self._over_rate(msg, inb.out.sender):
                 return True
-            stored = await self.offline.add(inb.out, inb.media)
-            return self._answer(msg, 202 if stored else 480)
+            return self.engine.run_flow(msg, self._store_now(msg, inb))
         target = Target(callto, msg.get("oconnection_id") or "")
-        return await self._relay(msg, inb, Route([target]))
+        return self._relay(msg, inb, Route([target]))
+
+    async def _store_now(self, msg: Message, inb: Inbound) -> bool:
+        stored = await self.offline.add(inb.out, inb.media)
+        return self._answer(msg, 202 if stored else 480)
 
     def on_route_offline(self, msg: Message) -> bool:
         if msg.get("error") != "offline" or not self.cfg.get("store") or self.store is None:
