@@ -99,11 +99,12 @@ class Job:
     The hot path's alternative to a coroutine: a deferred handler creates one, calls
     :meth:`start` (which registers it as the message's running work), and waits for
     Yate's answers (:meth:`wait`); each ``then(answer, exc)`` callback runs right where the
-    answer is read. It ends with exactly one of :meth:`finish` (answer now), :meth:`hand_over` (go on
-    as a coroutine, in a Flow) or a failure: a callback that raises is logged, the job
-    released and the message answered as a failure. Subclasses override :meth:`release` to
-    give back what they hold; it runs when the job is cancelled (the answer deadline, the
-    connection closing) or fails, never after :meth:`finish` / :meth:`hand_over`.
+    answer is read. It ends with exactly one of :meth:`finish` (answer now),
+    :meth:`hand_over` (go on as a coroutine, in a Flow) or a failure: a callback that raises
+    is logged, the job released and the message answered as a failure. Subclasses override
+    :meth:`release` to give back what they hold; it runs when the job is cancelled (the
+    answer deadline, the connection closing) or fails, never after :meth:`finish` /
+    :meth:`hand_over`.
     """
 
     __slots__ = ("engine", "msg", "_pending", "_over", "_waiter", "_waiter_then")

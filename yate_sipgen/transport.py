@@ -11,6 +11,13 @@ import os
 from collections.abc import Callable
 
 
+#: Bytes asked for per read. asyncio's transports ask for 256 KiB, a size glibc's malloc
+#: serves with mmap: every read then costs mmap + mremap + munmap and fresh pages (measured
+#: with strace: three such calls per read, i.e. per line on a lightly loaded relay). 64 KiB
+#: comes from the heap and still takes a whole burst of Yate's lines at once.
+READ_SIZE = 65536
+
+
 class YateProtocol(asyncio.Protocol):
     """Feeds everything read to ``feed``; calls ``lost`` once when the peer goes away."""
 
@@ -22,6 +29,8 @@ class YateProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        if hasattr(transport, "max_size"):  # asyncio's pipe and socket transports
+            transport.max_size = READ_SIZE  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
         self.feed(data)

@@ -14,10 +14,11 @@ Replaces the regexroute recipe (which answers 200 whatever happens). Paths:
 Every answer is a SIP code in ``code`` (handled=true): an unhandled ``sip.message`` would become
 405 (reference §2.3).
 
-This module is the flow (answer modes, routing, live delivery racing the answer deadline); the
-policy it applies is shared with the event packages: who sends (:mod:`.identity`), the checks
-of the request (:mod:`.validation`), the sender's rate (:mod:`.ratelimit`); the store and
-forward is :mod:`.offline`.
+This module is the flow (answer modes, routing, live delivery racing the answer deadline); its
+usual case, one relay that nothing makes wait, runs as callbacks (:mod:`.relay`) and joins the
+coroutines here wherever something does. The policy it applies is shared with the event
+packages: who sends (:mod:`.identity`), the checks of the request (:mod:`.validation`), the
+sender's rate (:mod:`.ratelimit`); the store and forward is :mod:`.offline`.
 """
 
 from __future__ import annotations
