@@ -30,6 +30,13 @@ class Wire:
         self.engine.attach(self.out.append)
         self.lines()  # the installs
 
+    def relay(self, log: list[str], cls: Any = None, boom: str = "", **kw: Any) -> None:
+        """Handle sip.message with a :class:`Relay` (or ``cls``) job, then attach."""
+        cls = cls or Relay
+        self.engine.add_handler("sip.message", lambda m: cls(self.engine, m, log, boom).start(),
+                                deferred=True, **kw)
+        self.attach()
+
     def lines(self) -> list[Any]:
         data = b"".join(self.out)
         self.out.clear()
@@ -109,9 +116,7 @@ def test_job_goes_on_from_each_answer_within_the_same_read_and_answers_once() ->
     async def go() -> None:
         w = Wire()
         log: list[str] = []
-        w.engine.add_handler("sip.message", lambda m: Relay(w.engine, m, log).start(),
-                             deferred=True)
-        w.attach()
+        w.relay(log)
         mid = w.request(called="bob")
         answers, (route,) = w.split(w.lines())
         assert answers == [] and route.message.name == "call.route"
@@ -135,9 +140,7 @@ def test_job_that_raises_is_released_and_answered_as_a_failure(where: str) -> No
     async def go() -> None:
         w = Wire()
         log: list[str] = []
-        w.engine.add_handler("sip.message", lambda m: Relay(w.engine, m, log, where).start(),
-                             deferred=True)
-        w.attach()
+        w.relay(log, boom=where)
         mid = w.request(called="bob")
         if where == "routed":
             _, (route,) = w.split(w.lines())
@@ -157,9 +160,7 @@ def test_job_still_waiting_at_the_answer_deadline_is_released_and_its_late_answe
     async def go() -> None:
         w = Wire(answer_within=0.05)
         log: list[str] = []
-        w.engine.add_handler("sip.message", lambda m: Relay(w.engine, m, log).start(),
-                             deferred=True)
-        w.attach()
+        w.relay(log)
         mid = w.request(called="bob")
         _, (route,) = w.split(w.lines())
         await asyncio.sleep(0.15)
@@ -182,9 +183,7 @@ def test_job_gets_the_dispatch_timeout_from_its_callback() -> None:
             def run(self) -> None:
                 self.wait(Message("call.route", {}), self.routed, timeout=0.01)
 
-        w.engine.add_handler("sip.message", lambda m: Quick(w.engine, m, log).start(),
-                             deferred=True)
-        w.attach()
+        w.relay(log, cls=Quick)
         mid = w.request()
         await asyncio.sleep(0.2)
         answers, _ = w.split(w.lines())
@@ -198,9 +197,7 @@ def test_connection_closing_releases_a_waiting_job_without_calling_it_back() -> 
     async def go() -> None:
         w = Wire()
         log: list[str] = []
-        w.engine.add_handler("sip.message", lambda m: Relay(w.engine, m, log).start(),
-                             deferred=True)
-        w.attach()
+        w.relay(log)
         w.request()
         w.engine.detach()
         assert log == ["release"]
@@ -286,9 +283,7 @@ def test_deferred_handler_after_another_handler_runs_only_when_that_one_declines
             return False
 
         w.engine.add_handler("sip.message", first, priority=10)
-        w.engine.add_handler("sip.message", lambda m: Relay(w.engine, m, log).start(),
-                             priority=50, deferred=True)
-        w.attach()
+        w.relay(log, priority=50)
         echo = w.request(called="echo")
         bob = w.request(called="bob")
         for _ in range(3):

@@ -455,11 +455,7 @@ class Engine:
             flow.start()
         else:
             self._tasks[msg.id] = self._loop.create_task(self._run(msg, route))
-        timer = self._deadline_timer
-        if timer is None or msg.deadline < self._deadline_at:  # earlier after a reload
-            if timer is not None:
-                timer.cancel()
-            self._arm_deadline(msg.deadline)
+        self._watch(msg)
 
     def _run_deferred(self, msg: Message, func: Handler) -> None:
         try:
@@ -478,6 +474,7 @@ class Engine:
             self._answer(msg, bool(r))
 
     def _watch(self, msg: Message) -> None:
+        """Keep the deadline timer no later than ``msg``'s deadline (it is being worked on)."""
         timer = self._deadline_timer
         if timer is None or msg.deadline < self._deadline_at:  # earlier after a reload
             if timer is not None:
@@ -530,21 +527,29 @@ class Engine:
             raise DispatchCancelled("not connected to Yate")
         mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
         t = _Then()
-        t.mid = mid
-        secs = t.secs = self.dispatch_timeout if timeout is None else timeout
-        t.expires = self._clock() + secs
-        t.what = msg.name
-        t.engine = self
-        t.session = s
         t.job = job
         t.then = then
         t._done = False
-        self._futures[mid] = t  # type: ignore[assignment]
+        self._keep_pending(t, mid, s, msg.name, timeout)
+        return t
+
+    def _keep_pending(self, pending: Any, mid: str, s: Session, what: str,
+                      timeout: float | None) -> None:
+        """Wait for Yate's answer to ``mid`` (a dispatch just queued): kept until it comes or
+        the sweeper finds it expired."""
+        pending.mid = mid
+        secs = pending.secs = self.dispatch_timeout if timeout is None else timeout
+        # No timer per dispatch (this is on the hot path twice per MESSAGE): one sweeper
+        # checks the pending dispatches a few times a second.
+        pending.expires = self._clock() + secs
+        pending.what = what
+        pending.engine = self
+        pending.session = s
+        self._futures[mid] = pending
         if not self.runq.active:
             self._schedule_flush()
         if self._sweeper is None:
             self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
-        return t
 
     def _single_done(self, flow: Flow, handled: Any, exc: BaseException | None) -> None:
         """The end of a Flow running a route's only handler: what :meth:`_run` does after it."""
@@ -725,19 +730,7 @@ class Engine:
             return w
         mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
         w = _Dispatched(self.runq, self._loop)
-        w.mid = mid
-        secs = w.secs = self.dispatch_timeout if timeout is None else timeout
-        # No timer per dispatch (this is on the hot path twice per MESSAGE): one sweeper
-        # checks the pending dispatches a few times a second.
-        w.expires = self._clock() + secs
-        w.what = msg.name
-        w.engine = self
-        w.session = s
-        self._futures[mid] = w
-        if not self.runq.active:
-            self._schedule_flush()
-        if self._sweeper is None:
-            self._sweeper = self._loop.call_later(self.SWEEP, self._sweep_dispatches)
+        self._keep_pending(w, mid, s, msg.name, timeout)
         return w
 
     def _forget(self, mid: str, s: Session) -> None:

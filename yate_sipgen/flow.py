@@ -57,15 +57,7 @@ class RunQueue:
                 return
             # the usual case (a flow woken by Yate's answer): step it at once, then whatever
             # it made ready -- what drain() would do, without the queue round trip
-            self._running = True
-            try:
-                flow.step(exc, token)
-                ready = self._ready
-                while ready:
-                    f, e, t = ready.popleft()
-                    f.step(e, t)
-            finally:
-                self._running = False
+            self.run(flow.step, exc, token)
             return
         self._ready.append((flow, exc, token))
         if not self._scheduled:
