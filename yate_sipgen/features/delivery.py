@@ -367,11 +367,8 @@ class Deliverer:
         try:
             if target.callto[:4] == "sip/":
                 started = self.engine.now()
-                try:
-                    answer = await self.engine.dispatch(self.xsip_message(out, target),
-                                                        self.delivery_timeout)
-                except (DispatchTimeout, DispatchCancelled) as e:
-                    return self.sip_outcome(started, None, e)
+                answer = await self.engine.dispatch(self.xsip_message(out, target),
+                                                    self.delivery_timeout)
                 return self.sip_outcome(started, answer, None)
             if self.other_targets == "reject":
                 return 404

@@ -42,7 +42,7 @@ from .identity import requester, trusted_lines
 from .offline import OfflineStore
 from .ratelimit import RateLimiter
 from .registrations import Registrations
-from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target, route_of
+from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target
 from .relay import RelayJob
 from .validation import Refusal, hops as _hops, too_big, unsupported_media
 
@@ -194,7 +194,7 @@ class Inbound:
     authenticated: bool
     foreign: bool  # Request-URI host is not ours
     media: str
-    route_wire: str | None = None  # our call.route's own params, escaped, when known
+    route_wire: str  # our call.route's own params, escaped (Deliverer.route_wire)
 
 
 class MessageFeature:
@@ -546,16 +546,12 @@ class MessageFeature:
     ROUTE_PARAMS = ("username", "callername", "in_line", "ip_host", "ip_port", "ip_transport",
                     "address", "connection_id", "antiloop", "sip_uri", "billid")
 
-    def _route_message(self, inb: Inbound, msg: Message | None) -> Message:
+    def _route_message(self, inb: Inbound, msg: Message) -> Message:
         """Our call.route for ``inb`` (``msg``: the sender's message, whose routing params
         are forwarded)."""
-        params = {} if inb.route_wire is not None else {  # (route_wire: made from these)
-            "caller": inb.sender_user, "domain": inb.sender_host, "module": "sipgen",
-            "xsip_type": inb.out.content_type}
-        return self.deliverer.route_message(
-            inb.rcpt_user, inb.rcpt_host, params,
-            forwarded=msg.wire_params(self.ROUTE_PARAMS) if msg is not None else "",
-            wire=inb.route_wire)
+        return self.deliverer.route_message(inb.rcpt_user, inb.rcpt_host, {},
+                                            forwarded=msg.wire_params(self.ROUTE_PARAMS),
+                                            wire=inb.route_wire)
 
     def _route_budget(self, msg: Message) -> float:
         """Seconds Yate's routing may take: what is left before the answer deadline (less
@@ -586,35 +582,6 @@ class MessageFeature:
                 return Route([target])
         return None
 
-    async def _lookup(self, msg: Message, inb: Inbound) -> Route:
-        route = self._known_route(inb)
-        if route is not None:
-            return route
-        try:
-            answer = await self.engine.dispatch(self._route_message(inb, msg),
-                                                timeout=self._route_budget(msg))
-        except (DispatchTimeout, DispatchCancelled) as e:
-            return route_of(None, e)
-        return route_of(answer, None)
-
-    async def _deliver_and_answer(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
-        """Route (unless ``route`` is given), deliver, and answer with the truthful code.
-
-        Shared by the sip.message and msg.execute paths (their usual case runs as a
-        :class:`RelayJob`, which goes on here where anything makes it wait). If the answer
-        deadline comes first, the message is stored and answered 202 at once (an unanswered
-        msg.execute would go on to ysipchan and be sent twice); the late outcome then settles
-        the stored copy.
-        """
-        state = self._live_begin(msg, inb)
-        if route is None:
-            try:
-                route = await self._lookup(msg, inb)
-            except BaseException:
-                self._live_end(state)
-                raise
-        return await self._after_lookup(msg, inb, route, state)
-
     def _live_begin(self, msg: Message, inb: Inbound) -> "_LiveState":
         """A live delivery starts: counted, and watched against the answer deadline."""
         state = _LiveState()
@@ -629,7 +596,11 @@ class MessageFeature:
 
     async def _after_lookup(self, msg: Message, inb: Inbound, route: Route,
                             state: "_LiveState") -> bool:
-        """Deliver along ``route`` and answer (the live delivery ``state`` ends here)."""
+        """Deliver along ``route`` and answer with the truthful code (the live delivery
+        ``state`` ends here): where a :class:`RelayJob` hands over when something makes the
+        delivery wait. If the answer deadline comes first, the message is stored and answered
+        202 at once (an unanswered msg.execute would go on to ysipchan and be sent twice); the
+        late outcome then settles the stored copy."""
         try:
             code = await self._deliver_routed(msg, inb, route, state)
         finally:
