@@ -383,8 +383,18 @@ class Engine:
             self._loop.call_soon(self.flush)
 
     # -- input ---------------------------------------------------------------------------------
+    #: A read is handled in slices of about this many bytes (cut after a line), and what
+    #: each slice produced is written before the next one is decoded. Yate's threads get
+    #: their lines while we still work on the rest of a burst, instead of after all of it
+    #: (one write per read made the two sides take turns: a pipe benchmark spent a fifth
+    #: of its time with the script idle, waiting for the answers to a batch it had just
+    #: written). 16 KiB is about 25 sip.message lines: a write per slice costs nothing next
+    #: to the slice's work.
+    SLICE = 16384
+
     def feed(self, data: bytes) -> None:
-        """Bytes from Yate: decode, run what they ask for, write what resulted (one write)."""
+        """Bytes from Yate: decode, run what they ask for, write what resulted (one write
+        per :attr:`SLICE` of input)."""
         s = self.session
         if s is None:
             self._early.append(data)  # nothing is lost before attach()
@@ -393,8 +403,19 @@ class Engine:
         runq = self.runq
         runq.active = True
         try:
-            self._feed(s.receive_data(data, now))
-            runq.drain()  # the flows Yate's answers woke go on now
+            end = len(data)
+            if end <= self.SLICE:
+                self._feed(s.receive_data(data, now))
+                runq.drain()  # the flows Yate's answers woke go on now
+            else:
+                start = 0
+                while start < end:
+                    cut = data.find(b"\n", start + self.SLICE) + 1 or end
+                    self._feed(s.receive_data(data[start:cut], now))
+                    runq.drain()
+                    start = cut
+                    if start < end:
+                        self.flush()
         finally:
             runq.active = False
         self.flush()

@@ -1,0 +1,58 @@
+"""A burst read from Yate is handled in slices, each slice's lines written before the next
+slice is decoded (Engine.SLICE): Yate gets answers while we work on the rest of the burst."""
+
+from __future__ import annotations
+
+import asyncio
+
+from yate_sipgen import protocol as p
+from yate_sipgen.engine import Engine
+from yate_sipgen.message import Message
+
+
+def _burst(count: int, body: str = "x" * 600) -> bytes:
+    return b"".join(p.yate_message_line(Message("sip.message", {"n": str(i), "xsip_body": body}),
+                                        f"0xb.{i}", 1700000000) for i in range(count))
+
+
+def _answered(writes: list[bytes]) -> list[str]:
+    return [p.parse_script_line(raw).id for w in writes for raw in w.split(b"\n")
+            if raw.startswith(b"%%<message:")]
+
+
+def _run(data: bytes | list[bytes]) -> list[bytes]:
+    async def go() -> list[bytes]:
+        eng = Engine()
+        eng.add_handler("sip.message", lambda m: True)
+        writes: list[bytes] = []
+        eng.attach(writes.append)
+        writes.clear()  # the installs
+        for chunk in data if isinstance(data, list) else [data]:
+            eng.feed(chunk)
+        return writes
+    return asyncio.run(go())
+
+
+def test_a_burst_is_answered_slice_by_slice_in_order_and_once():
+    data = _burst(100)
+    assert len(data) > 4 * Engine.SLICE
+    writes = _run(data)
+    assert _answered(writes) == [f"0xb.{i}" for i in range(100)]
+    assert len(writes) >= 4  # one per slice, not one per read
+    per_line = len(data) // 100
+    for w in writes[:-1]:  # a slice ends after the line that crosses SLICE bytes
+        lines = w.count(b"\n")
+        assert Engine.SLICE // per_line <= lines <= Engine.SLICE // per_line + 1
+
+
+def test_a_read_cut_inside_a_line_loses_nothing():
+    data = _burst(60)
+    cut = Engine.SLICE * 2 + 123  # inside a line, past two slices
+    writes = _run([data[:cut], data[cut:]])
+    assert _answered(writes) == [f"0xb.{i}" for i in range(60)]
+
+
+def test_a_line_longer_than_a_slice_is_not_cut():
+    data = _burst(3, body="y" * (Engine.SLICE + 500))
+    writes = _run(data)
+    assert _answered(writes) == ["0xb.0", "0xb.1", "0xb.2"]
