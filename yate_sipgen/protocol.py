@@ -717,9 +717,10 @@ class Encoder:
         wire = msg.unchanged_wire()
         if wire is not None:  # params already in wire form (from Yate, or built so)
             try:
+                retval = msg.retval
                 data = "".join(("%%>message:", escape(id), ":", stamp, ":", escape(msg.name),
-                                ":", escape(msg.retval), wire + fwd or ":", "\n")).encode(
-                                    ENCODING, ERRORS)
+                                ":", escape(retval) if retval else "", wire + fwd or ":",
+                                "\n")).encode(ENCODING, ERRORS)
             except UnicodeEncodeError as e:
                 raise LocalProtocolError(f"text cannot be encoded: {e}") from None
             if len(data) > self.max_line + 1:
@@ -754,8 +755,8 @@ class Encoder:
         """
         if not id or ":" in id or _CTRL.search(id):
             raise LocalProtocolError(f"answer id {id[:40]!r} cannot be matched by Yate")
-        fields = ["%%<message:" + id + (":true:" if handled else ":false:") + escape(name),
-                  escape(retval)]
+        fields = ["%%<message:" + id + (":true:" if handled else ":false:")
+                  + (escape(name) if name else ""), escape(retval) if retval else ""]
         if changes:
             for k, v in changes.items():
                 if not k or "=" in k:
