@@ -34,7 +34,7 @@ class RunQueue:
     (reading Yate's lines, its timers); from anywhere else (another Task), on the loop's next
     pass, so a Flow never runs inside a foreign Task."""
 
-    __slots__ = ("_ready", "_running", "_scheduled", "_loop", "active", "after")
+    __slots__ = ("_ready", "_running", "_scheduled", "_loop", "active", "after", "woke_task")
 
     def __init__(self, after: Callable[[], None] | None = None) -> None:
         self.after = after  # run after a drain the loop scheduled (the engine's flush)
@@ -43,6 +43,9 @@ class RunQueue:
         self._scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.active = False  # True while the engine runs one of its own callbacks
+        #: Set when an asyncio Task was woken (it runs in the loop's next pass): the engine
+        #: then queues its flush behind it, so what the Task writes leaves in that same pass.
+        self.woke_task = False
 
     def push(self, flow: "Flow", exc: BaseException | None = None, token: Any = None) -> None:
         """Make ``flow`` go on (throwing ``exc`` into it, if given). ``token`` is what woke it:
@@ -204,7 +207,8 @@ class Waiter:
         if flow is not None:
             self._flow = None
             self._queue.push(flow, None, self)
-        if self._callbacks:
+        if self._callbacks:  # asyncio Tasks awaiting us
+            self._queue.woke_task = True
             loop = self.get_loop()
             for cb in self._callbacks:
                 loop.call_soon(cb, self)

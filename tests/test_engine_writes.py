@@ -1,5 +1,7 @@
-"""A burst read from Yate is handled in slices, each slice's lines written before the next
-slice is decoded (Engine.SLICE): Yate gets answers while we work on the rest of the burst."""
+"""When what we owe Yate is written: a burst read is handled in slices, each slice's lines
+written before the next slice is decoded (Engine.SLICE), so Yate gets answers while we work on
+the rest of the burst; what an asyncio Task woken by a read writes leaves in the loop pass the
+Task runs in."""
 
 from __future__ import annotations
 
@@ -56,3 +58,46 @@ def test_a_line_longer_than_a_slice_is_not_cut():
     data = _burst(3, body="y" * (Engine.SLICE + 500))
     writes = _run(data)
     assert _answered(writes) == ["0xb.0", "0xb.1", "0xb.2"]
+
+
+def test_what_a_task_woken_by_a_read_writes_leaves_in_the_pass_it_runs_in():
+    async def go() -> tuple[int, int, list[bytes]]:
+        eng = Engine()
+
+        async def handler(msg: Message) -> bool:  # an ordinary Task (not inline)
+            answer = await eng.dispatch(Message("call.route", {"called": "bob"}))
+            msg["code"] = answer.get("code") or "?"
+            return True
+
+        eng.add_handler("sip.message", handler)
+        writes: list[bytes] = []
+        passes = [0]
+        written_at: list[int] = []
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            written_at.append(passes[0])
+
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:  # counts the loop's passes
+            passes[0] += 1
+            loop.call_soon(tick)
+
+        eng.attach(write)
+        eng.feed(p.yate_message_line(Message("sip.message", {}), "0xt.1", 1700000000))
+        for _ in range(5):  # the Task starts and dispatches its call.route
+            await asyncio.sleep(0)
+        route = p.parse_script_line(writes[-1].split(b"\n")[0])
+        assert route.message.name == "call.route"
+        tick()
+        start = passes[0]
+        eng.feed(p.yate_answer_line(Message("call.route", {"code": "200"}), route.message.id,
+                                    True))  # wakes the Task
+        for _ in range(5):
+            await asyncio.sleep(0)
+        return start, written_at[-1], writes
+
+    start, at, writes = asyncio.run(go())
+    assert _answered(writes[-1:]) == ["0xt.1"]
+    assert at - start <= 1  # the pass the woken Task ran in, not one more
