@@ -673,12 +673,15 @@ def collect(row: Row, workdir: Path) -> None:
         parts = line.split(";")
         if len(parts) != 7 or parts[0] != "final":
             continue
-        code, call = int(parts[1]), parts[2]
+        try:
+            code, call = int(parts[1]), parts[2]
+            s0, u0, s1, u1 = (float(x) for x in parts[3:])
+        except ValueError:  # a line cut short when sipp was stopped: no answer logged
+            continue
         codes[code] = codes.get(code, 0) + 1
         if call in answer:
             row.answered_twice += 1
         answer[call] = code
-        s0, u0, s1, u1 = (float(x) for x in parts[3:])
         start = s0 + u0 / 1e6
         sends.append(start)
         rtts.append((s1 + u1 / 1e6 - start) * 1000.0)
