@@ -623,6 +623,10 @@ def run_row(setup: str, workers: str, recipients: int, rate: int, duration: floa
                 uas.wait(15)
             except subprocess.TimeoutExpired:
                 _stop(uas)
+            if not y.running:  # say so, rather than fail to reach its console
+                code = y.proc.returncode  # type: ignore[union-attr]
+                raise RuntimeError(f"Yate itself exited during the row ({code}; a negative "
+                                   "code is the signal, see dmesg for a segfault)")
             row.engine = parse_status(y.command("status engine"))
             if setup == "sipgen":
                 row.sipgen_stats = y.command("sipgen stats").strip()
