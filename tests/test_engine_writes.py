@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from yate_sipgen import protocol as p
 from yate_sipgen.engine import Engine
 from yate_sipgen.message import Message
@@ -101,3 +104,21 @@ def test_what_a_task_woken_by_a_read_writes_leaves_in_the_pass_it_runs_in():
     start, at, writes = asyncio.run(go())
     assert _answered(writes[-1:]) == ["0xt.1"]
     assert at - start <= 1  # the pass the woken Task ran in, not one more
+
+
+@settings(max_examples=40, deadline=None)
+@given(bodies=st.lists(st.integers(0, 3 * Engine.SLICE // 2), min_size=1, max_size=30),
+       cuts=st.lists(st.integers(1, 4 * Engine.SLICE), max_size=12))
+def test_any_chunking_of_the_input_writes_the_same_lines_in_the_same_order(bodies, cuts):
+    data = b"".join(p.yate_message_line(Message("sip.message", {"n": str(i), "xsip_body": "b" * n}),
+                                        f"0xc.{i}", 1700000000) for i, n in enumerate(bodies))
+    chunks, at = [], 0
+    for c in cuts:  # reads of any size, cut anywhere (inside lines too)
+        if at >= len(data):
+            break
+        chunks.append(data[at:at + c])
+        at += c
+    chunks.append(data[at:])
+    writes = _run([c for c in chunks if c])
+    assert _answered(writes) == [f"0xc.{i}" for i in range(len(bodies))]
+    assert all(w.endswith(b"\n") for w in writes)  # a write never ends inside a line
