@@ -403,19 +403,14 @@ class Engine:
         runq = self.runq
         runq.active = True
         try:
-            end = len(data)
-            if end <= self.SLICE:
-                self._feed(s.receive_data(data, now))
+            start, end = 0, len(data)
+            while start < end:  # one pass for a read of up to SLICE bytes (the usual)
+                cut = data.find(b"\n", start + self.SLICE) + 1 or end
+                self._feed(s.receive_data(data[start:cut], now))
                 runq.drain()  # the flows Yate's answers woke go on now
-            else:
-                start = 0
-                while start < end:
-                    cut = data.find(b"\n", start + self.SLICE) + 1 or end
-                    self._feed(s.receive_data(data[start:cut], now))
-                    runq.drain()
-                    start = cut
-                    if start < end:
-                        self.flush()
+                start = cut
+                if start < end:
+                    self.flush()
         finally:
             runq.active = False
         self.flush()

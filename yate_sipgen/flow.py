@@ -96,16 +96,13 @@ class RunQueue:
             self.after()
 
     def drain(self) -> None:
-        if self._running:
-            return
-        self._running = True
-        ready = self._ready
-        try:
-            while ready:
-                flow, exc, token = ready.popleft()
-                flow.step(exc, token)
-        finally:
-            self._running = False
+        """Run the flows that are ready, in order (nothing when a drain is running already:
+        that one runs them)."""
+        self.run(_nothing)
+
+
+def _nothing() -> None:
+    pass
 
 
 class Waiter:

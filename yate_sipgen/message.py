@@ -338,7 +338,8 @@ class Message:
         out = []
         p = self._p
         for k in keys:
-            if raw is not False and (changes is None or k not in changes):
+            # (an indexed request gets here only with changes: the line has the rest)
+            if raw is not False and k not in changes:  # type: ignore[operator]
                 v = raw.get(k)  # type: ignore[union-attr]
                 if v:  # as it came on the line (a value read since is only unescaped)
                     out.append(":" + k + "=" + v)

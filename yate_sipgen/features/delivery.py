@@ -373,10 +373,8 @@ class Deliverer:
             if self.other_targets == "reject":
                 return 404
             return await self._msg_execute(out, target)
-        except DispatchTimeout:
-            return 408
-        except DispatchCancelled:
-            return 0
+        except (DispatchTimeout, DispatchCancelled) as e:
+            return unanswered_code(e)
         except LocalProtocolError as e:  # too big for Yate's line, NUL in a value, ...
             return self.cannot_send(out, target, e)
         finally:
@@ -387,11 +385,7 @@ class Deliverer:
         """The SIP code of one ``xsip.generate`` sent at ``started``: its answer, or 408 when
         Yate did not answer in time, 0 when the connection went (``exc``)."""
         if exc is not None:
-            if isinstance(exc, DispatchTimeout):
-                return 408
-            if isinstance(exc, DispatchCancelled):
-                return 0
-            raise exc
+            return unanswered_code(exc)
         self.delivery_time += (self.engine.now() - started - self.delivery_time) * 0.2
         return _code_of(answer)  # type: ignore[arg-type]
 
@@ -516,6 +510,16 @@ class Deliverer:
                 log.info("stored message %d for %s not delivered (%d); retry in %ds",
                          row.id, user, code, int(self.backoff(attempts)))
                 return False
+
+
+def unanswered_code(exc: BaseException) -> int:
+    """What a send Yate did not answer counts as: 408 when it did not answer in time, 0 when
+    the connection went (anything else is re-raised)."""
+    if isinstance(exc, DispatchTimeout):
+        return 408
+    if isinstance(exc, DispatchCancelled):
+        return 0
+    raise exc
 
 
 def _code_of(answer: Message) -> int:
