@@ -196,9 +196,69 @@ def test_presence_subscription_survives_kill_9_of_the_script(yate) -> None:
     run(scenario(), timeout=90)
 
 
+#: The callee's phone: rings (180) for 500 ms, answers, and hangs up when the caller does.
+RINGING_UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="ringing-uas">
+  <recv request="INVITE"/>
+  <send>
+    <![CDATA[
+SIP/2.0 180 Ringing
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]r[call_number]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+Content-Length: 0
+
+    ]]>
+  </send>
+  <pause milliseconds="500"/>
+  <send retrans="500">
+    <![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:];tag=[pid]r[call_number]
+[last_Call-ID:]
+[last_CSeq:]
+Contact: <sip:[local_ip]:[local_port];transport=[transport]>
+Content-Type: application/sdp
+Content-Length: [len]
+
+v=0
+o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
+s=-
+c=IN IP[media_ip_type] [media_ip]
+t=0 0
+m=audio [media_port] RTP/AVP 0
+a=rtpmap:0 PCMU/8000
+
+    ]]>
+  </send>
+  <recv request="ACK"/>
+  <recv request="BYE"/>
+  <send>
+    <![CDATA[
+SIP/2.0 200 OK
+[last_Via:]
+[last_From:]
+[last_To:]
+[last_Call-ID:]
+[last_CSeq:]
+Content-Length: 0
+
+    ]]>
+  </send>
+  <timewait milliseconds="1000"/>
+</scenario>
+"""
+
+
 def test_a_real_call_gives_early_confirmed_terminated_dialog_notifies(yate, tmp_path) -> None:
     """A call from sipp (caller 345's side) to 234 (a sipp UAS registered as 234) through Yate:
-    the dialog watcher of 234 sees early, confirmed, terminated with increasing versions."""
+    the dialog watcher of 234 sees early (the 180), confirmed, terminated, in that order, with
+    increasing versions."""
     import shutil
     import subprocess
 
@@ -219,8 +279,9 @@ def test_a_real_call_gives_early_confirmed_terminated_dialog_notifies(yate, tmp_
         assert (await reg.register()).code == 200
         reg.close()
         alice = await Phone("123", y.users["123"], y.server).start()
-        uas = subprocess.Popen([sipp, "-sn", "uas", "-i", "127.0.0.1", "-p", str(uas_port),
-                                "-m", "1", "-bg", "-nostdin"], cwd=str(tmp_path),
+        (tmp_path / "ringing_uas.xml").write_text(RINGING_UAS)
+        uas = subprocess.Popen([sipp, "-sf", "ringing_uas.xml", "-i", "127.0.0.1", "-p",
+                                str(uas_port), "-m", "1", "-bg", "-nostdin"], cwd=str(tmp_path),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             r = await alice.send(subscribe(alice, "234", "dialog"))
@@ -247,8 +308,11 @@ def test_a_real_call_gives_early_confirmed_terminated_dialog_notifies(yate, tmp_
                 assert loop.time() < deadline, states()
                 await asyncio.sleep(0.1)
             seen = states()
-            assert "confirmed" in seen and seen.index("confirmed") < seen.index("terminated")
-            assert "early" in seen or "trying" in seen, seen
+            # the UAS rings for half a second before it answers, longer than a NOTIFY's round
+            # trip, so no state is folded into the next one (RFC 6665 lets a notifier send only
+            # the latest state: sipp's built-in UAS answers right after its 180, and then
+            # "early" is often never NOTIFYed)
+            assert [s for s in seen if s != "trying"] == ["early", "confirmed", "terminated"], seen
             versions = [int(ET.fromstring(n.text).get("version"))
                         for n in notifies(alice, "dialog")]
             assert versions == sorted(set(versions)), versions
