@@ -239,6 +239,19 @@ class SQLiteTransactions:
     #: Write transactions committed so far through :meth:`transaction` (for tests/figures).
     commits: int = 0
 
+    def _open(self, path: str, schema: str) -> None:
+        """Open (creating its directory) the database at ``path`` as every store of ours
+        uses it: autocommit (transactions are ours), WAL, ``synchronous=FULL`` (committed
+        means on disk: we answer only after that), a lock waited for 10 s; then ``schema``."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA busy_timeout=10000")
+        self.db.executescript(schema)
+
     @property
     def in_transaction(self) -> bool:
         return self.db.in_transaction
@@ -290,15 +303,7 @@ class SQLiteMessageStore(SQLiteTransactions, MessageStore):
     READS = frozenset({"count", "users_due", "users", "list"})
 
     def __init__(self, path: str) -> None:
-        d = os.path.dirname(os.path.abspath(path))
-        os.makedirs(d, exist_ok=True)
-        self.path = path
-        self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.executescript(_SCHEMA)
+        self._open(path, _SCHEMA)
         cols = {r[1] for r in self.db.execute("PRAGMA table_info(messages)")}
         if "antiloop" not in cols:  # a database from before this column existed
             self.db.execute("ALTER TABLE messages ADD COLUMN antiloop INTEGER NOT NULL DEFAULT 20")

@@ -15,8 +15,6 @@ transaction and one commit, still before any of their answers (group commit: see
 
 from __future__ import annotations
 
-import os
-import sqlite3
 from sys import intern
 from dataclasses import astuple, dataclass, fields
 
@@ -85,14 +83,7 @@ class EventStore(SQLiteTransactions):
     READS = frozenset({"load_subscriptions", "load_publications", "load_state", "load_due"})
 
     def __init__(self, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.path = path
-        self.db = sqlite3.connect(path, timeout=10.0, isolation_level=None,
-                                  check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        self.db.executescript(_SCHEMA)
+        self._open(path, _SCHEMA)
 
     def close(self) -> None:
         self.db.close()

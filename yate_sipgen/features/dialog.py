@@ -25,6 +25,7 @@ from ..bodies import dialog_info as di
 from ..config import Declarations
 from ..events.package import EventPackage
 from ..message import Message
+from . import BaseFeature
 from .events import package_keys
 
 log = logging.getLogger("yate_sipgen.dialog")
@@ -91,7 +92,7 @@ def _state(operation: str, status: str, direction: str) -> str:
     return "trying"
 
 
-class DialogFeature:
+class DialogFeature(BaseFeature):
     name = "dialog"
     config = CONFIG
 
@@ -119,15 +120,6 @@ class DialogFeature:
 
     def reconfigure(self, cfg: config_mod.Config) -> None:
         self.domain = cfg[S]["domain"].lower()
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     def on_cdr(self, msg: Message) -> None:
         user = (msg.get("external") or "").strip()

@@ -23,6 +23,7 @@ from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..message import Message
 from ..sip import header_safe, parse_name_addr, parse_uri
 from ..events.subscription import parse_event
+from . import BaseFeature
 from .delivery import Target, parse_route
 from .identity import requester
 
@@ -80,7 +81,7 @@ def _check(cfg: config_mod.Config) -> list[str]:
 CONFIG.checks.append(_check)
 
 
-class GenericFeature:
+class GenericFeature(BaseFeature):
     name = "generic"
     config = CONFIG
 
@@ -118,15 +119,6 @@ class GenericFeature:
 
     def reconfigure(self, cfg: config_mod.Config) -> None:
         self.timeout = float(cfg[S]["timeout"])
-
-    def status(self) -> dict[str, Any]:
-        return {}
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
 
     def _answer(self, msg: Message, code: int, why: str) -> bool:
         msg["code"] = str(code)
