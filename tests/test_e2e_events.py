@@ -470,3 +470,34 @@ def test_generic_methods_relay_fixed_codes_and_the_notify_rules(tmp_path: Path) 
             assert_clean(y)
 
     run(scenario)
+
+
+def test_a_relayed_generic_request_takes_one_hop_and_one_with_none_left_gets_483(
+        tmp_path: Path) -> None:
+    """As for MESSAGE: the onward xsip.generate carries the hops left less one (Yate's
+    antiloop, from Max-Forwards; 20 when absent), and a request that would leave with none
+    is answered 483 and not sent (a loop between two servers ends)."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"generic": {"methods": "info:relay"}}) as y:
+            await y.fy.wait_installed("sip.info")
+            await y.register("bob", "example.com", "sip:bob@192.0.2.20:5062")
+            base = [("called", "bob"), ("caller", "alice"), ("username", "alice"),
+                    ("sip_uri", "sip:bob@example.com"), ("sip_callid", "i1@x"),
+                    ("sip_from", "<sip:alice@example.com>;tag=a1"),
+                    ("sip_to", "<sip:bob@example.com>")]
+            for antiloop, code, onward in (("5", "200", "4"), (None, "200", "19"),
+                                           ("junk", "200", "19"), ("2", "200", "1"),
+                                           ("1", "483", None), ("0", "483", None),
+                                           ("-3", "483", None)):
+                before = len(y.xsip_seen)
+                params = base + ([("antiloop", antiloop)] if antiloop is not None else [])
+                r = await y.fy.dispatch("sip.info", params)
+                assert r.get("code") == code, (antiloop, r.get("code"))
+                sent = [m for m in y.xsip_seen[before:] if m.get("method") == "INFO"]
+                if onward is None:
+                    assert sent == [], antiloop
+                else:
+                    assert [m.get("antiloop") for m in sent] == [onward], antiloop
+            assert_clean(y)
+
+    run(scenario)

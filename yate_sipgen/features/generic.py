@@ -26,6 +26,7 @@ from ..events.subscription import parse_event
 from . import BaseFeature
 from .delivery import Target, parse_route
 from .identity import requester
+from .validation import hops
 
 log = logging.getLogger("yate_sipgen.generic")
 
@@ -150,6 +151,9 @@ class GenericFeature(BaseFeature):
         return await self._relay(msg, method)
 
     async def _relay(self, msg: Message, method: str) -> bool:
+        left = hops(msg)
+        if left <= 1:  # the onward request would leave with none (RFC 3261 §16.3: 483)
+            return self._answer(msg, 483, "no hop left to forward")
         ruri = parse_uri(msg.get("sip_uri") or "")
         frm = parse_name_addr(msg.get("sip_from") or "")
         if ruri is None or not ruri.user or frm is None:
@@ -170,12 +174,11 @@ class GenericFeature(BaseFeature):
                 return self._answer(msg, 480 if route.offline or not route.code else route.code,
                                     "not reachable")
             target = route.targets[0]
-        return await self._send(msg, method, target)
+        return await self._send(msg, method, target, left - 1)
 
-    async def _send(self, msg: Message, method: str, target: Target) -> bool:
-        hops = msg.get("antiloop") or "20"
+    async def _send(self, msg: Message, method: str, target: Target, antiloop: int) -> bool:
         p = {"method": method.upper(), "uri": target.uri, "wait": "true",
-             "antiloop": str(max(1, int(hops) - 1)) if hops.isdigit() else "19"}
+             "antiloop": str(antiloop)}
         try:
             p["sip_From"] = header_safe(msg.get("sip_from") or "")
             p["sip_To"] = header_safe(msg.get("sip_to") or "")
