@@ -3,11 +3,14 @@ NOTIFY scheduler (cap, coalescing, pacing, urgency) and the NOTIFY outcome rules
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from yate_sipgen.errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from yate_sipgen.events import notifier as nt
 from yate_sipgen.events.notifier import NotifyScheduler, notify_params
 from yate_sipgen.events.publication import (INITIAL, MODIFY, REFRESH, REMOVE, PublicationTable,
@@ -16,6 +19,7 @@ from yate_sipgen.events.store import Publication
 from yate_sipgen.events.subscription import (ACTIVE, TERMINATED, Reservation, SubscribeError,
                                              Subscription, SubscriptionTable, accepts,
                                              negotiate_expires, parse_event)
+from yate_sipgen.message import Message
 
 
 # -- Event / Expires / Accept ---------------------------------------------------------------
@@ -291,3 +295,37 @@ def test_state_header_carries_remaining_expires() -> None:
     s.state = "pending"
     assert s.state_header(999.8) == "pending;expires=0"
     assert ACTIVE == "active"
+
+
+# -- sending one NOTIFY ---------------------------------------------------------------------
+
+class _Engine:
+    """An engine whose dispatch raises or answers what it is told (no Yate)."""
+
+    def __init__(self, result: object) -> None:
+        self.result = result
+        self.sent: list[object] = []
+
+    async def dispatch(self, msg: object, timeout: float) -> object:
+        self.sent.append(msg)
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+@pytest.mark.parametrize("result,expected,verdict", [
+    (LocalProtocolError("line too long"), (500, ""), nt.KEEP),
+    (DispatchTimeout("xsip.generate"), (408, ""), nt.REMOVE),
+    (DispatchCancelled("gone"), (0, "noconn"), nt.RETRY),
+    (Message("xsip.generate", {"code": "481"}), (481, ""), nt.REMOVE),
+    (Message("xsip.generate", {"code": "200"}), (200, ""), nt.OK),
+    (Message("xsip.generate", {"error": "notransport"}), (0, "notransport"), nt.RETRY),
+])
+def test_dispatch_notify_gives_what_outcome_takes_for_every_way_a_send_ends(
+        result: object, expected: tuple[int, str], verdict: str, caplog) -> None:
+    engine = _Engine(result)
+    got = asyncio.run(nt.dispatch_notify(engine, {"method": "NOTIFY", "uri": "sip:w@h"}, 5))
+    assert got == expected and len(engine.sent) == 1
+    assert nt.outcome(*got, transport_failures=0) == verdict
+    if isinstance(result, LocalProtocolError):  # our own line: said in the log, with where
+        assert "sip:w@h" in caplog.text and "line too long" in caplog.text

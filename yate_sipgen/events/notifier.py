@@ -221,7 +221,7 @@ async def dispatch_notify(engine: Any, params: dict[str, str], timeout: float
                           ) -> tuple[int, str]:
     """Send one NOTIFY (``xsip.generate`` with ``params``) through ``engine``; Yate's
     ``(code, error)``, as :func:`outcome` takes them: a timeout waiting for Yate is 408, the
-    connection to Yate gone ``noconn``, a message we could not even write 500."""
+    connection to Yate gone ``noconn``, a message we could not even write 500 (logged)."""
     try:
         answer = await engine.dispatch(Message("xsip.generate", params), timeout=timeout)
     except DispatchTimeout:
@@ -229,7 +229,8 @@ async def dispatch_notify(engine: Any, params: dict[str, str], timeout: float
     except DispatchCancelled:
         return 0, "noconn"
     except LocalProtocolError as e:
-        return 500, str(e)
+        log.warning("cannot send NOTIFY to %s: %s", params.get("uri", "?"), e)
+        return 500, ""
     c = answer.get("code") or ""
     return (int(c) if c.isdigit() else 0), answer.get("error") or ""
 

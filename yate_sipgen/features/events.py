@@ -661,11 +661,9 @@ class EventsFeature:
                                    sub.contact or self._default_contact(sub),
                                    self.cfg.get("trans_count", -1))
             self.counters["notify"] += 1
-            answer = await self.engine.dispatch(Message("xsip.generate", params),
-                                                timeout=self.cfg.get("notify_timeout", 40))
-            c = answer.get("code") or ""
-            code = int(c) if c.isdigit() else 0
-            error = answer.get("error") or ""
+            code, error = await nt.dispatch_notify(self.engine, params,
+                                                   self.cfg.get("notify_timeout", 40))
+        # what preparing the body asked of Yate, failing as dispatch_notify says a send does
         except DispatchTimeout:
             code = 408
         except DispatchCancelled:
