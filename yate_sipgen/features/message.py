@@ -62,7 +62,8 @@ key(S, "enable", "bool", True,
     "installed in Yate once).")
 key(S, "mode", "choice", "relay",
     "relay: answer after the delivery outcome (200 delivered, 202 stored, or the failure). "
-    "accept: answer 202 at once and deliver in the background (as Asterisk and FreeSWITCH do). "
+    "accept: answer 202 at once and deliver in the background (as Asterisk and FreeSWITCH do; "
+    "the 202 goes before anything is stored, so a kill during the first attempt loses it). "
     "lateroute: the old regexroute recipe's behaviour (200 at once, msg.execute to "
     "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
 key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
