@@ -193,6 +193,24 @@ load test [call_number]
 """
 
 
+def sipp_reply(status: str, *headers: str, to_tag: bool = True, body: str = "",
+               retrans: int = 0) -> str:
+    """A sipp ``<send>`` of a response to the last request: its Via, From, To (with our tag
+    when ``to_tag``), Call-ID and CSeq, then ``headers`` and ``body``."""
+    tag = ";tag=[pid]r[call_number]" if to_tag else ""
+    length = "[len]" if body else "0"
+    lines = ["[last_Via:]", "[last_From:]", f"[last_To:]{tag}", "[last_Call-ID:]",
+             "[last_CSeq:]", *headers, f"Content-Length: {length}", ""] + ([body] if body else [])
+    attr = f' retrans="{retrans}"' if retrans else ""
+    text = "\n".join(lines)
+    return f"""  <send{attr}>
+    <![CDATA[
+SIP/2.0 {status}
+{text}
+    ]]>
+  </send>"""
+
+
 def uas_scenario(linger_ms: int = 1000) -> str:
     """The recipients' phone: answers each MESSAGE 200 and logs one line per MESSAGE,
     ``got;sip:<user>;<Call-ID>;load test <n>`` (``n``: the UAC's call number, from the body).
@@ -209,18 +227,7 @@ def uas_scenario(linger_ms: int = 1000) -> str:
       <log message="got;[$ruri];[call_id];[$text]"/>
     </action>
   </recv>
-  <send>
-    <![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]r[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-
-    ]]>
-  </send>
+{sipp_reply("200 OK")}
   <timewait milliseconds="{linger_ms}"/>
 </scenario>
 """

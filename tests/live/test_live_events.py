@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from loadrun import sipp_reply
 from sipphone import Phone, SipMsg
 from yatelive import LiveYate, wait_for
 
@@ -197,59 +198,24 @@ def test_presence_subscription_survives_kill_9_of_the_script(yate) -> None:
 
 
 #: The callee's phone: rings (180) for 500 ms, answers, and hangs up when the caller does.
-RINGING_UAS = """<?xml version="1.0" encoding="ISO-8859-1" ?>
-<scenario name="ringing-uas">
-  <recv request="INVITE"/>
-  <send>
-    <![CDATA[
-SIP/2.0 180 Ringing
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]r[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:[local_ip]:[local_port];transport=[transport]>
-Content-Length: 0
-
-    ]]>
-  </send>
-  <pause milliseconds="500"/>
-  <send retrans="500">
-    <![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:];tag=[pid]r[call_number]
-[last_Call-ID:]
-[last_CSeq:]
-Contact: <sip:[local_ip]:[local_port];transport=[transport]>
-Content-Type: application/sdp
-Content-Length: [len]
-
-v=0
+_CONTACT = "Contact: <sip:[local_ip]:[local_port];transport=[transport]>"
+_SDP = """v=0
 o=user1 53655765 2353687637 IN IP[local_ip_type] [local_ip]
 s=-
 c=IN IP[media_ip_type] [media_ip]
 t=0 0
 m=audio [media_port] RTP/AVP 0
 a=rtpmap:0 PCMU/8000
-
-    ]]>
-  </send>
+"""
+RINGING_UAS = f"""<?xml version="1.0" encoding="ISO-8859-1" ?>
+<scenario name="ringing-uas">
+  <recv request="INVITE"/>
+{sipp_reply("180 Ringing", _CONTACT)}
+  <pause milliseconds="500"/>
+{sipp_reply("200 OK", _CONTACT, "Content-Type: application/sdp", retrans=500, body=_SDP)}
   <recv request="ACK"/>
   <recv request="BYE"/>
-  <send>
-    <![CDATA[
-SIP/2.0 200 OK
-[last_Via:]
-[last_From:]
-[last_To:]
-[last_Call-ID:]
-[last_CSeq:]
-Content-Length: 0
-
-    ]]>
-  </send>
+{sipp_reply("200 OK", to_tag=False)}
   <timewait milliseconds="1000"/>
 </scenario>
 """
