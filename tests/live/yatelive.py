@@ -181,8 +181,35 @@ class LiveYate:
                 time.sleep(0.05)
         else:
             raise RuntimeError("yate's rmanager did not come up")
+        self.wait_sip(timeout=max(deadline - time.monotonic(), 1))
         if wait_installed:
             self.wait_installed(wait_installed, timeout=max(deadline - time.monotonic(), 1))
+
+    def wait_sip(self, timeout: float = 10.0) -> None:
+        """Until ysipchan answers on its UDP port. rmanager can be up before ysipchan's
+        listener has bound it, and the test phones do not retransmit: a REGISTER sent in that
+        gap was lost and its row failed on a 15 s timeout (seen in a load run)."""
+        deadline = time.monotonic() + timeout
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            sock.settimeout(0.1)
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                probe = (f"OPTIONS sip:127.0.0.1:{self.sip_port} SIP/2.0\r\n"
+                         f"Via: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKprobe{n}\r\n"
+                         f"Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=p{n}\r\n"
+                         f"To: <sip:127.0.0.1>\r\nCall-ID: probe{n}.{port}@127.0.0.1\r\n"
+                         f"CSeq: {n} OPTIONS\r\nContent-Length: 0\r\n\r\n")
+                try:
+                    sock.sendto(probe.encode(), self.server)
+                    if sock.recv(65536).startswith(b"SIP/2.0 "):
+                        return  # any answer: the listener is up
+                except (socket.timeout, ConnectionRefusedError):
+                    pass  # not bound yet (or the ICMP of an earlier probe)
+        raise RuntimeError(f"ysipchan did not answer on port {self.sip_port} within "
+                           f"{timeout}s:\n{self.log_text()[-3000:]}")
 
     def wait_installed(self, name: str, timeout: float = 10.0) -> None:
         """Until yate-sipgen has installed ``name`` (seen in ``status sipgen``... or the log)."""
