@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 from events_e2e_harness import PIDF_OPEN, started, subscriptions_ready
 from msg_e2e_harness import run
 
+from yate_sipgen import protocol as p
+from yate_sipgen.app import App
 from yate_sipgen.events.store import EventStore
+from yate_sipgen.message import Message
 
 
 def _outbox(tmp_path: Path) -> list[tuple[str, float]]:
@@ -87,3 +91,87 @@ def test_a_burst_of_marks_is_one_row_and_a_later_mark_outlives_an_earlier_notify
     st.delete_subscriptions(["c"])  # a subscription gone owes nothing
     assert st.load_due() == set()
     st.close()
+
+
+EVENTS_CONF = """
+[general]
+state_dir={state}
+timeout=10000
+[message]
+domains=example.com
+[presence]
+watchers=any
+min_interval=0
+"""
+SUBSCRIBE = ("%%>message:0xsub.1:1700000000:sip.subscribe::called=bob:caller=w:username=w"
+             ":antiloop=19:ip_host=127.0.0.1:ip_port=5060:ip_transport=UDP"
+             ":sip_uri=sip%zbob@example.com:sip_callid=sub1@127.0.0.1:xsip_dlgtag=91"
+             ":sip_from=<sip%zw@example.com>;tag=f1:sip_to=<sip%zbob@example.com>"
+             ":sip_contact=<sip%zw@127.0.0.1%z5060>:sip_event=presence"
+             ":sip_accept=application/pidf+xml:sip_expires=3600\n")
+PUBLISH = ("%%>message:0xpub.1:1700000000:sip.publish::called=bob:caller=bob:username=bob"
+           ":antiloop=19:ip_host=127.0.0.1:ip_port=5060:ip_transport=UDP"
+           ":sip_uri=sip%zbob@example.com:sip_callid=pub1@127.0.0.1:xsip_dlgtag=71"
+           ":sip_from=<sip%zbob@example.com>;tag=p1:sip_to=<sip%zbob@example.com>"
+           ":sip_event=presence:sip_expires=3600:xsip_type=application/pidf+xml"
+           ":xsip_body=" + PIDF_OPEN.replace("%", "%%").replace(":", "%z")
+           .replace("\r", "%M").replace("\n", "%J") + "\n")
+
+
+def test_no_notify_leaves_before_the_outbox_row_that_makes_a_restart_resend_it(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The PUBLISH is answered 200 and its watchers marked; while the store's thread has not
+    committed their outbox row, no NOTIFY goes out (a kill in that gap would lose it: seen
+    under CPU load, where the NOTIFY reached Yate before the row existed)."""
+    gate = threading.Event()
+    gate.set()
+    mark_due = EventStore.mark_due
+
+    def slow_mark_due(self, ids, marked):  # noqa: ANN001, ANN202 - the store's thread
+        gate.wait(5)
+        mark_due(self, ids, marked)
+
+    monkeypatch.setattr(EventStore, "mark_due", slow_mark_due)
+
+    async def scenario() -> None:
+        (tmp_path / "e.conf").write_text(EVENTS_CONF.format(state=tmp_path / "state"))
+        app = App(str(tmp_path / "e.conf"))
+        out: list[bytes] = []
+        eng = app.engine
+        eng.attach(out.append, setlocals=app.setlocals())
+        await app._start_features()
+        sent: list[tuple[str, str]] = []  # ("answer", id, code) / ("notify", body)
+
+        async def pump(seconds: float) -> None:
+            end = asyncio.get_running_loop().time() + seconds
+            while asyncio.get_running_loop().time() < end:
+                for raw in b"".join(out).split(b"\n"):
+                    ev = p.parse_script_line(raw) if raw else None
+                    if isinstance(ev, p.Answer):
+                        sent.append(("answer", ev.id, dict(ev.changes).get("code", "")))
+                    elif isinstance(ev, p.MessageReceived) and ev.message.name == "xsip.generate":
+                        sent.append(("notify", _outbox(tmp_path)))
+                        eng.feed(p.yate_answer_line(Message("xsip.generate", {"code": "200"}),
+                                                    ev.message.id, True))
+                out.clear()
+                await asyncio.sleep(0.005)
+
+        eng.feed(SUBSCRIBE.encode())
+        await pump(0.3)
+        assert [s[0] for s in sent] == ["answer", "notify"], sent
+        await pump(0.2)  # the first NOTIFY's 200 settles its row
+        assert _outbox(tmp_path) == []
+        sent.clear()
+        gate.clear()  # the store's thread is slow to commit the marks
+        eng.feed(PUBLISH.encode())
+        await pump(0.3)
+        assert sent == [("answer", "0xpub.1", "200")], sent  # answered, and no NOTIFY yet
+        gate.set()
+        await pump(0.3)
+        assert len(sent) == 2 and sent[1][0] == "notify", sent
+        assert len(sent[1][1]) == 1, sent  # the row was there when the NOTIFY left
+        for f in app.features:
+            await f.close()
+        eng.detach()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))

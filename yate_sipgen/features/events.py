@@ -165,6 +165,9 @@ class EventsFeature:
         self._failures: dict[str, int] = {}  # transport failures in a row
         # outbox rows to delete: (id, when the NOTIFY that settles them was rendered)
         self._due_done: list[tuple[str, float]] = []
+        #: The latest outbox write (``mark_due``) not known to be committed: a NOTIFY waits
+        #: for it, so no NOTIFY leaves before the row that makes a restart resend it.
+        self._outbox_write: asyncio.Future[Any] | None = None
         self._pump_handle: asyncio.Handle | None = None
         self._wake: asyncio.TimerHandle | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -549,7 +552,8 @@ class EventsFeature:
                 marked.append(sub.id)
         if marked:
             if self.store is not None:  # owed NOTIFYs as rows: a restart still sends them
-                self.engine.spawn(self.store.mark_due(marked, now), "outbox")
+                self._outbox_write = self.engine.spawn(self.store.mark_due(marked, now),
+                                                       "outbox")
             self._kick()
         return len(subs)
 
@@ -558,7 +562,8 @@ class EventsFeature:
         now = time.time()
         self.sched.mark(sub.id, now, urgent=urgent, interval=self.packages[sub.package].interval)
         if not saved and self.store is not None:
-            self.engine.spawn(self.store.mark_due([sub.id], now), "outbox")
+            self._outbox_write = self.engine.spawn(self.store.mark_due([sub.id], now),
+                                                   "outbox")
         self._kick()
 
     def _watchers_changed(self, sub: Subscription) -> None:
@@ -652,6 +657,12 @@ class EventsFeature:
             version = self.reserve.next_version(sub) if pkg is not None and pkg.numbered else 0
             if len(self.reserve.pending) > marks_before or self.reserve.pending:
                 await self._save_marks()
+            written = self._outbox_write
+            if written is not None and not written.done():
+                # the store's one thread commits in order: the latest mark covers this one's;
+                # asyncio.wait, so a cancelled NOTIFY does not cancel the write (a failed
+                # write is logged by spawn, and the NOTIFY still goes)
+                await asyncio.wait((written,))
             now = rendered = time.time()
             body = ""
             if pkg is not None and sub.state != PENDING:
