@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 from events_e2e_harness import PIDF_OPEN, started, subscriptions_ready
+from inproc_harness import attached_app
 from msg_e2e_harness import run
 
 from yate_sipgen import protocol as p
-from yate_sipgen.app import App
 from yate_sipgen.events.store import EventStore
 from yate_sipgen.message import Message
 
@@ -134,12 +134,8 @@ def test_no_notify_leaves_before_the_outbox_row_that_makes_a_restart_resend_it(
     monkeypatch.setattr(EventStore, "mark_due", slow_mark_due)
 
     async def scenario() -> None:
-        (tmp_path / "e.conf").write_text(EVENTS_CONF.format(state=tmp_path / "state"))
-        app = App(str(tmp_path / "e.conf"))
-        out: list[bytes] = []
+        app, out = await attached_app(tmp_path, EVENTS_CONF)
         eng = app.engine
-        eng.attach(out.append, setlocals=app.setlocals())
-        await app._start_features()
         sent: list[tuple[str, str]] = []  # ("answer", id, code) / ("notify", body)
 
         async def pump(seconds: float) -> None:

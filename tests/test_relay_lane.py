@@ -17,9 +17,9 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from inproc_harness import attached_app
 
 from yate_sipgen import protocol as p
-from yate_sipgen.app import App
 from yate_sipgen.message import Message
 
 CONF = """
@@ -52,12 +52,8 @@ def _sip_message(i: int, sender: int, rcpt: int) -> Message:
 
 async def _play(tmp: Path, scenario: list[tuple[int, int, str, str]], order: list[int],
                 lane: bool) -> list[tuple[str, ...]]:
-    (tmp / "s.conf").write_text(CONF.format(state=tmp / "state"))
-    app = App(str(tmp / "s.conf"))
-    out: list[bytes] = []
+    app, out = await attached_app(tmp, CONF)
     eng = app.engine
-    eng.attach(out.append, setlocals=app.setlocals())
-    await app._start_features()
     feature = app.feature("message")
     if not lane:
         feature._sends_itself = lambda route, state: False  # every delivery by coroutine

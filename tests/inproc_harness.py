@@ -1,0 +1,21 @@
+"""yate-sipgen in-process, for tests that step it line by line: an App attached to a list
+instead of a pipe (no subprocess, no fake Yate), so a test can hold the store or order
+Yate's answers itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from yate_sipgen.app import App
+
+
+async def attached_app(tmp: Path, conf: str) -> tuple[App, list[bytes]]:
+    """An App running ``conf`` (its ``{state}`` is ``tmp/state``) with its features started;
+    the list collects every line it writes to Yate."""
+    path = tmp / "sipgen.conf"
+    path.write_text(conf.format(state=tmp / "state"))
+    app = App(str(path))
+    out: list[bytes] = []
+    app.engine.attach(out.append, setlocals=app.setlocals())
+    await app._start_features()
+    return app, out
