@@ -9,6 +9,8 @@ import sqlite3
 import threading
 from pathlib import Path
 
+import pytest
+
 from events_e2e_harness import PIDF_OPEN, started, subscriptions_ready
 from inproc_harness import attached_app
 from msg_e2e_harness import run
@@ -118,11 +120,10 @@ PUBLISH = ("%%>message:0xpub.1:1700000000:sip.publish::called=bob:caller=bob:use
            .replace("\r", "%M").replace("\n", "%J") + "\n")
 
 
-def test_no_notify_leaves_before_the_outbox_row_that_makes_a_restart_resend_it(
-        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
-    """The PUBLISH is answered 200 and its watchers marked; while the store's thread has not
-    committed their outbox row, no NOTIFY goes out (a kill in that gap would lose it: seen
-    under CPU load, where the NOTIFY reached Yate before the row existed)."""
+@pytest.fixture
+def held_marks(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """While the returned event is clear, the store's thread holds every outbox mark
+    (``mark_due``) before committing it."""
     gate = threading.Event()
     gate.set()
     mark_due = EventStore.mark_due
@@ -132,6 +133,16 @@ def test_no_notify_leaves_before_the_outbox_row_that_makes_a_restart_resend_it(
         mark_due(self, ids, marked)
 
     monkeypatch.setattr(EventStore, "mark_due", slow_mark_due)
+    return gate
+
+
+def test_a_publish_is_answered_and_notified_only_once_the_outbox_row_is_committed(
+        tmp_path: Path, held_marks: threading.Event) -> None:
+    """A PUBLISH marks its watchers' NOTIFYs as owed (an outbox row). While the store's thread
+    has not committed that row, neither the 200 nor the NOTIFY goes out: a kill at any point
+    leaves the row for the restart to resend. (Before, both went at once and the row was
+    written behind them: under CPU load the NOTIFY reached Yate before the row existed.)"""
+    gate = held_marks
 
     async def scenario() -> None:
         app, out = await attached_app(tmp_path, EVENTS_CONF)
@@ -161,11 +172,41 @@ def test_no_notify_leaves_before_the_outbox_row_that_makes_a_restart_resend_it(
         gate.clear()  # the store's thread is slow to commit the marks
         eng.feed(PUBLISH.encode())
         await pump(0.3)
-        assert sent == [("answer", "0xpub.1", "200")], sent  # answered, and no NOTIFY yet
+        assert sent == [], sent  # the publication is stored, the row not yet: nothing goes
         gate.set()
         await pump(0.3)
-        assert len(sent) == 2 and sent[1][0] == "notify", sent
-        assert len(sent[1][1]) == 1, sent  # the row was there when the NOTIFY left
+        assert sorted(s[0] for s in sent) == ["answer", "notify"], sent
+        assert ("answer", "0xpub.1", "200") in sent
+        notify = next(s for s in sent if s[0] == "notify")
+        assert len(notify[1]) == 1, sent  # the row was there when the NOTIFY left
+        for f in app.features:
+            await f.close()
+        eng.detach()
+
+    asyncio.run(asyncio.wait_for(scenario(), 20))
+
+
+def test_new_voicemail_counts_are_reported_done_only_once_their_outbox_row_is_committed(
+        tmp_path: Path, held_marks: threading.Event) -> None:
+    """``sipgen mwi`` (and Yate's mwi / user.notify) set the counts: the call returns only
+    when the watchers' outbox row is on disk."""
+    async def scenario() -> None:
+        app, out = await attached_app(tmp_path, EVENTS_CONF + "[message-summary]\nwatchers=any\n")
+        eng = app.engine
+        eng.feed(SUBSCRIBE.replace("presence", "message-summary")
+                 .replace("application/pidf+xml", "application/simple-message-summary")
+                 .encode())
+        for _ in range(100):  # the SUBSCRIBE answered and its first NOTIFY out
+            await asyncio.sleep(0.005)
+        feature = app.feature("message-summary")
+        assert len(app.feature("events").table.watchers("message-summary", "bob@example.com")) == 1
+        held_marks.clear()
+        setting = asyncio.ensure_future(feature.set_counts("bob@example.com", 2, 1))
+        await asyncio.sleep(0.3)
+        assert not setting.done()  # the row is not committed yet
+        held_marks.set()
+        assert await asyncio.wait_for(setting, 5) is True
+        assert len(_outbox(tmp_path)) == 1
         for f in app.features:
             await f.close()
         eng.detach()

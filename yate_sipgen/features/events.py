@@ -557,6 +557,16 @@ class EventsFeature:
             self._kick()
         return len(subs)
 
+    async def outbox_written(self) -> None:
+        """Until the outbox rows marked so far are committed: a NOTIFY waits for its row
+        before it leaves, and a request whose change it records (a PUBLISH) before its
+        answer, so a kill at any point leaves the row for the restart to resend. The store's
+        one thread commits in order, so the latest write covers the earlier ones. A failed
+        write is logged (by spawn) and waited for no longer."""
+        written = self._outbox_write
+        if written is not None and not written.done():
+            await asyncio.wait((written,))  # not `await`: a cancelled waiter keeps the write
+
     def mark(self, sub: Subscription, urgent: bool = False, saved: bool = False) -> None:
         """``sub`` needs a NOTIFY; ``saved``: its outbox row is written already."""
         now = time.time()
@@ -657,12 +667,7 @@ class EventsFeature:
             version = self.reserve.next_version(sub) if pkg is not None and pkg.numbered else 0
             if len(self.reserve.pending) > marks_before or self.reserve.pending:
                 await self._save_marks()
-            written = self._outbox_write
-            if written is not None and not written.done():
-                # the store's one thread commits in order: the latest mark covers this one's;
-                # asyncio.wait, so a cancelled NOTIFY does not cancel the write (a failed
-                # write is logged by spawn, and the NOTIFY still goes)
-                await asyncio.wait((written,))
+            await self.outbox_written()
             now = rendered = time.time()
             body = ""
             if pkg is not None and sub.state != PENDING:

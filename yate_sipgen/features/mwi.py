@@ -219,6 +219,7 @@ class MessageSummaryFeature:
             await self.core.store.set_state(pkg.event, resource, ms.render("", counts))
         self.counters["updates"] += 1
         pkg.changed(resource)
+        await self.core.outbox_written()  # what the caller answers is owed on disk first
         if self.registrations is not None:
             self.unsolicited(resource, self.registrations.bindings(resource))
         return True

@@ -216,11 +216,12 @@ class PresenceFeature:
             self.package.pubs.remove(old.etag)
             if store is not None:
                 await store.delete_publication(old.etag)
+            self.package.changed(resource)
+            await core.outbox_written()  # the watchers' NOTIFY is owed on disk before the 200
             msg["osip_Expires"] = "0"
             msg["code"] = "200"
             self.engine.answer_now(msg)
             self.counters["unpublished"] += 1
-            self.package.changed(resource)
             return True
         pub = Publication(etag=new_etag(), package=self.package.event, resource=resource,
                           content_type=pidf.CONTENT_TYPE,
@@ -233,6 +234,9 @@ class PresenceFeature:
         if old is not None:
             self.package.pubs.remove(old.etag)
         self.package.pubs.add(pub)
+        if op != REFRESH:  # a new state: its NOTIFYs are owed on disk before the 200
+            self.package.changed(resource)
+            await core.outbox_written()
         msg["osip_SIP-ETag"] = pub.etag
         msg["osip_Expires"] = str(expires)
         msg["code"] = "200"
@@ -241,8 +245,6 @@ class PresenceFeature:
         log.info("presence of %s %s (ETag %s, %ds)", resource,
                  {"initial": "published", "modify": "modified", "refresh": "refreshed"}[op],
                  pub.etag, expires)
-        if op != REFRESH:
-            self.package.changed(resource)
         self._arm()
         return True
 
