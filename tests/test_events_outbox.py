@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from events_e2e_harness import PIDF_OPEN, started, subscriptions_ready
-from inproc_harness import attached_app
+from inproc_harness import running_app
 from msg_e2e_harness import run
 
 from yate_sipgen import protocol as p
@@ -105,19 +105,27 @@ domains=example.com
 watchers=any
 min_interval=0
 """
-SUBSCRIBE = ("%%>message:0xsub.1:1700000000:sip.subscribe::called=bob:caller=w:username=w"
-             ":antiloop=19:ip_host=127.0.0.1:ip_port=5060:ip_transport=UDP"
-             ":sip_uri=sip%zbob@example.com:sip_callid=sub1@127.0.0.1:xsip_dlgtag=91"
-             ":sip_from=<sip%zw@example.com>;tag=f1:sip_to=<sip%zbob@example.com>"
-             ":sip_contact=<sip%zw@127.0.0.1%z5060>:sip_event=presence"
-             ":sip_accept=application/pidf+xml:sip_expires=3600\n")
-PUBLISH = ("%%>message:0xpub.1:1700000000:sip.publish::called=bob:caller=bob:username=bob"
-           ":antiloop=19:ip_host=127.0.0.1:ip_port=5060:ip_transport=UDP"
-           ":sip_uri=sip%zbob@example.com:sip_callid=pub1@127.0.0.1:xsip_dlgtag=71"
-           ":sip_from=<sip%zbob@example.com>;tag=p1:sip_to=<sip%zbob@example.com>"
-           ":sip_event=presence:sip_expires=3600:xsip_type=application/pidf+xml"
-           ":xsip_body=" + PIDF_OPEN.replace("%", "%%").replace(":", "%z")
-           .replace("\r", "%M").replace("\n", "%J") + "\n")
+#: The first SUBSCRIBE and PUBLISH as Yate hands them over (the params ysipchan sets).
+_REQUEST = {"antiloop": "19", "ip_host": "127.0.0.1", "ip_port": "5060", "ip_transport": "UDP",
+            "sip_uri": "sip:bob@example.com", "sip_to": "<sip:bob@example.com>"}
+
+
+def _subscribe(event: str = "presence", accept: str = "application/pidf+xml") -> bytes:
+    return p.yate_message_line(Message("sip.subscribe", {
+        **_REQUEST, "called": "bob", "caller": "w", "username": "w",
+        "sip_callid": "sub1@127.0.0.1", "xsip_dlgtag": "91",
+        "sip_from": "<sip:w@example.com>;tag=f1", "sip_contact": "<sip:w@127.0.0.1:5060>",
+        "sip_event": event, "sip_accept": accept, "sip_expires": "3600"}),
+        "0xsub.1", 1700000000)
+
+
+def _publish() -> bytes:
+    return p.yate_message_line(Message("sip.publish", {
+        **_REQUEST, "called": "bob", "caller": "bob", "username": "bob",
+        "sip_callid": "pub1@127.0.0.1", "xsip_dlgtag": "71",
+        "sip_from": "<sip:bob@example.com>;tag=p1", "sip_event": "presence",
+        "sip_expires": "3600", "xsip_type": "application/pidf+xml", "xsip_body": PIDF_OPEN}),
+        "0xpub.1", 1700000000)
 
 
 @pytest.fixture
@@ -142,46 +150,43 @@ def test_a_publish_is_answered_and_notified_only_once_the_outbox_row_is_committe
     has not committed that row, neither the 200 nor the NOTIFY goes out: a kill at any point
     leaves the row for the restart to resend. (Before, both went at once and the row was
     written behind them: under CPU load the NOTIFY reached Yate before the row existed.)"""
-    gate = held_marks
-
     async def scenario() -> None:
-        app, out = await attached_app(tmp_path, EVENTS_CONF)
-        eng = app.engine
-        sent: list[tuple[str, str]] = []  # ("answer", id, code) / ("notify", body)
+        async with running_app(tmp_path, EVENTS_CONF) as (app, out):
+            eng = app.engine
+            #: ("answer", id, code), or ("notify", the outbox rows when it left)
+            sent: list[tuple] = []
 
-        async def pump(seconds: float) -> None:
-            end = asyncio.get_running_loop().time() + seconds
-            while asyncio.get_running_loop().time() < end:
-                for raw in b"".join(out).split(b"\n"):
-                    ev = p.parse_script_line(raw) if raw else None
-                    if isinstance(ev, p.Answer):
-                        sent.append(("answer", ev.id, dict(ev.changes).get("code", "")))
-                    elif isinstance(ev, p.MessageReceived) and ev.message.name == "xsip.generate":
-                        sent.append(("notify", _outbox(tmp_path)))
-                        eng.feed(p.yate_answer_line(Message("xsip.generate", {"code": "200"}),
-                                                    ev.message.id, True))
-                out.clear()
-                await asyncio.sleep(0.005)
+            async def pump(seconds: float) -> None:
+                end = asyncio.get_running_loop().time() + seconds
+                while asyncio.get_running_loop().time() < end:
+                    for raw in b"".join(out).split(b"\n"):
+                        ev = p.parse_script_line(raw) if raw else None
+                        if isinstance(ev, p.Answer):
+                            sent.append(("answer", ev.id, dict(ev.changes).get("code", "")))
+                        elif (isinstance(ev, p.MessageReceived)
+                              and ev.message.name == "xsip.generate"):
+                            sent.append(("notify", _outbox(tmp_path)))
+                            answer = Message("xsip.generate", {"code": "200"})
+                            eng.feed(p.yate_answer_line(answer, ev.message.id, True))
+                    out.clear()
+                    await asyncio.sleep(0.005)
 
-        eng.feed(SUBSCRIBE.encode())
-        await pump(0.3)
-        assert [s[0] for s in sent] == ["answer", "notify"], sent
-        await pump(0.2)  # the first NOTIFY's 200 settles its row
-        assert _outbox(tmp_path) == []
-        sent.clear()
-        gate.clear()  # the store's thread is slow to commit the marks
-        eng.feed(PUBLISH.encode())
-        await pump(0.3)
-        assert sent == [], sent  # the publication is stored, the row not yet: nothing goes
-        gate.set()
-        await pump(0.3)
-        assert sorted(s[0] for s in sent) == ["answer", "notify"], sent
-        assert ("answer", "0xpub.1", "200") in sent
-        notify = next(s for s in sent if s[0] == "notify")
-        assert len(notify[1]) == 1, sent  # the row was there when the NOTIFY left
-        for f in app.features:
-            await f.close()
-        eng.detach()
+            eng.feed(_subscribe())
+            await pump(0.3)
+            assert [s[0] for s in sent] == ["answer", "notify"], sent
+            await pump(0.2)  # the first NOTIFY's 200 settles its row
+            assert _outbox(tmp_path) == []
+            sent.clear()
+            held_marks.clear()  # the store's thread is slow to commit the marks
+            eng.feed(_publish())
+            await pump(0.3)
+            assert sent == [], sent  # the publication is stored, the row not yet: nothing goes
+            held_marks.set()
+            await pump(0.3)
+            assert sorted(s[0] for s in sent) == ["answer", "notify"], sent
+            assert ("answer", "0xpub.1", "200") in sent
+            notify = next(s for s in sent if s[0] == "notify")
+            assert len(notify[1]) == 1, sent  # the row was there when the NOTIFY left
 
     asyncio.run(asyncio.wait_for(scenario(), 20))
 
@@ -191,24 +196,20 @@ def test_new_voicemail_counts_are_reported_done_only_once_their_outbox_row_is_co
     """``sipgen mwi`` (and Yate's mwi / user.notify) set the counts: the call returns only
     when the watchers' outbox row is on disk."""
     async def scenario() -> None:
-        app, out = await attached_app(tmp_path, EVENTS_CONF + "[message-summary]\nwatchers=any\n")
-        eng = app.engine
-        eng.feed(SUBSCRIBE.replace("presence", "message-summary")
-                 .replace("application/pidf+xml", "application/simple-message-summary")
-                 .encode())
-        for _ in range(100):  # the SUBSCRIBE answered and its first NOTIFY out
-            await asyncio.sleep(0.005)
-        feature = app.feature("message-summary")
-        assert len(app.feature("events").table.watchers("message-summary", "bob@example.com")) == 1
-        held_marks.clear()
-        setting = asyncio.ensure_future(feature.set_counts("bob@example.com", 2, 1))
-        await asyncio.sleep(0.3)
-        assert not setting.done()  # the row is not committed yet
-        held_marks.set()
-        assert await asyncio.wait_for(setting, 5) is True
-        assert len(_outbox(tmp_path)) == 1
-        for f in app.features:
-            await f.close()
-        eng.detach()
+        conf = EVENTS_CONF + "[message-summary]\nwatchers=any\n"
+        async with running_app(tmp_path, conf) as (app, _out):
+            app.engine.feed(_subscribe("message-summary", "application/simple-message-summary"))
+            for _ in range(100):  # the SUBSCRIBE answered and its first NOTIFY out
+                await asyncio.sleep(0.005)
+            feature = app.feature("message-summary")
+            watchers = app.feature("events").table.watchers("message-summary", "bob@example.com")
+            assert len(watchers) == 1
+            held_marks.clear()
+            setting = asyncio.ensure_future(feature.set_counts("bob@example.com", 2, 1))
+            await asyncio.sleep(0.3)
+            assert not setting.done()  # the row is not committed yet
+            held_marks.set()
+            assert await asyncio.wait_for(setting, 5) is True
+            assert len(_outbox(tmp_path)) == 1
 
     asyncio.run(asyncio.wait_for(scenario(), 20))

@@ -17,7 +17,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inproc_harness import attached_app
+from inproc_harness import running_app
 
 from yate_sipgen import protocol as p
 from yate_sipgen.message import Message
@@ -52,7 +52,12 @@ def _sip_message(i: int, sender: int, rcpt: int) -> Message:
 
 async def _play(tmp: Path, scenario: list[tuple[int, int, str, str]], order: list[int],
                 lane: bool) -> list[tuple[str, ...]]:
-    app, out = await attached_app(tmp, CONF)
+    async with running_app(tmp, CONF) as (app, out):
+        return await _steps(app, out, scenario, order, lane)
+
+
+async def _steps(app: Any, out: list[bytes], scenario: list[tuple[int, int, str, str]],
+                 order: list[int], lane: bool) -> list[tuple[str, ...]]:
     eng = app.engine
     feature = app.feature("message")
     if not lane:
@@ -111,9 +116,6 @@ async def _play(tmp: Path, scenario: list[tuple[int, int, str, str]], order: lis
     # the counters the status line shows (delivered, rejected<code>, ...) and the engine's
     seen.append(("counters", repr(sorted(+app.stats.feature("message"))),
                  repr(sorted(+eng.stats.codes)), str(feature._live), str(eng.in_progress)))
-    for f in app.features:
-        await f.close()
-    eng.detach()
     return seen
 
 

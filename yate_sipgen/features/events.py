@@ -551,11 +551,15 @@ class EventsFeature:
                 self.sched.mark(sub.id, now, interval=pkg.interval)
                 marked.append(sub.id)
         if marked:
-            if self.store is not None:  # owed NOTIFYs as rows: a restart still sends them
-                self._outbox_write = self.engine.spawn(self.store.mark_due(marked, now),
-                                                       "outbox")
+            self._owe(marked, now)
             self._kick()
         return len(subs)
+
+    def _owe(self, ids: list[str], now: float) -> None:
+        """Owed NOTIFYs as outbox rows, so a restart still sends them: written in the
+        background, remembered for :meth:`outbox_written`."""
+        if self.store is not None:
+            self._outbox_write = self.engine.spawn(self.store.mark_due(ids, now), "outbox")
 
     async def outbox_written(self) -> None:
         """Until the outbox rows marked so far are committed: a NOTIFY waits for its row
@@ -571,9 +575,8 @@ class EventsFeature:
         """``sub`` needs a NOTIFY; ``saved``: its outbox row is written already."""
         now = time.time()
         self.sched.mark(sub.id, now, urgent=urgent, interval=self.packages[sub.package].interval)
-        if not saved and self.store is not None:
-            self._outbox_write = self.engine.spawn(self.store.mark_due([sub.id], now),
-                                                   "outbox")
+        if not saved:
+            self._owe([sub.id], now)
         self._kick()
 
     def _watchers_changed(self, sub: Subscription) -> None:
