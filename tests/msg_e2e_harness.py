@@ -179,6 +179,18 @@ class Yate:
         if oconnection_id:
             self.oconn[key] = oconnection_id
 
+    def hold_xsip(self, code: int = 200) -> asyncio.Event:
+        """From now on the phone answers each xsip.generate ``code`` only once the returned
+        event is set (never, if nobody sets it)."""
+        release = asyncio.Event()
+
+        async def held(m: YMessage) -> int:
+            await release.wait()
+            return code
+
+        self.xsip = held
+        return release
+
     def unregister_contact(self, key: str) -> None:
         self.registered.pop(key, None)
         self.oconn.pop(key, None)

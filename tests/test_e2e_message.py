@@ -774,13 +774,7 @@ def test_accept_mode_answers_202_at_once_then_delivers_in_the_background(
     async def scenario() -> None:
         async with started(tmp_path, {"mode": "accept"}) as y:
             y.register_contact(BOB, BOB_URI)
-            release = asyncio.Event()
-
-            async def gen(m):
-                await release.wait()
-                return 200
-
-            y.xsip = gen
+            release = y.hold_xsip()
             r = await y.message()
             assert r.get("code") == "202"
             await y.wait_xsip(1)

@@ -667,3 +667,135 @@ def test_a_busy_recipient_gets_every_message_once_in_order_and_no_answer_is_late
             assert_clean(y)
 
     run(scenario, timeout=40)
+
+
+# ==========================================================================
+# mode=accept: the 202 is given for a committed copy
+# ==========================================================================
+
+
+def test_accept_mode_answers_202_only_once_the_message_is_committed(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            release = y.hold_xsip()
+            r = await y.message(xsip_body="kept")
+            assert r.get("code") == "202"
+            (row_,) = db_rows(tmp_path)  # there when the 202 came
+            assert row_["user"] == BOB and row_["body"] == b"kept"
+            await y.wait_xsip(1)
+            release.set()
+            await y.wait_store_empty()  # delivered: the copy is gone
+            st = await y.status()
+            assert st["msg_delivered"] == "1" and st["message.accepted"] == "1"
+            assert st["msg_stored"] == "0"  # accepted copies are not counted as stored
+            assert len(y.xsip_seen) == 1
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_accept_mode_kill_9_during_the_delivery_loses_nothing(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            y.hold_xsip()  # the phone never answers
+            assert (await y.message(xsip_body="in flight")).get("code") == "202"
+            await y.wait_xsip(1)
+            y.fy.proc.kill()  # SIGKILL while the phone has not answered
+            y.xsip = lambda m: 200
+            await y.fy.wait_until(lambda: y.fy.spawn_count == 2 and y.fy.alive, 5)
+            await store_ready(y.fy)
+            await y.wait_xsip(2)  # the restart sends it again (bob is still routable)
+            await y.wait_store_empty()
+            assert y.bodies() == ["in flight", "in flight"]
+            first, again = y.xsip_seen
+            assert first.get("sip_Call-ID") == again.get("sip_Call-ID")  # the same message
+            assert y.fy.exit_codes and y.fy.exit_codes[0] == -9
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_accept_mode_delivers_one_recipients_messages_one_at_a_time_in_order(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            gate = asyncio.Event()
+
+            async def gen(m):
+                if m.get("xsip_body") == "1":
+                    await gate.wait()
+                return 200
+
+            y.xsip = gen
+            for i in range(1, 5):  # each answered at once, the first still being delivered
+                assert (await y.message(xsip_body=str(i))).get("code") == "202"
+            await y.wait_xsip(1)
+            await asyncio.sleep(0.1)
+            assert y.bodies() == ["1"]  # RFC 3428 §8: one pending MESSAGE per recipient
+            gate.set()
+            await y.wait_xsip(4)
+            await y.wait_store_empty()
+            assert y.bodies() == ["1", "2", "3", "4"] and y.xsip_max_active == 1
+            assert (await y.status())["msg_delivered"] == "4"
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_accept_mode_answers_after_the_delivery_when_a_store_limit_refuses_the_copy(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept", "max_per_user": "1"}) as y:
+            assert (await y.message(xsip_body="offline")).get("code") == "202"  # bob offline
+            assert len(db_rows(tmp_path)) == 1  # bob's store is full now
+            y.register_contact(BOB, BOB_URI)
+            # no copy can be kept: no 202 but the outcome, after what was stored before it
+            assert (await y.message(xsip_body="now")).get("code") == "200"
+            assert y.bodies() == ["offline", "now"]
+            await y.wait_store_empty()
+            y.xsip = lambda m: 486
+            assert (await y.message(xsip_body="spare")).get("code") == "202"  # room again
+            await until(lambda: y.bodies()[-1:] == ["spare"], 3)
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_accept_mode_drops_the_copy_of_a_message_for_nobody(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}) as y:
+            r = await y.message(called="nobody", sip_uri="sip:nobody@example.com")
+            assert r.get("code") == "202"  # answered before the lookup
+            await until(lambda: not db_rows(tmp_path), 3)
+            assert y.xsip_seen == []
+            st = await y.status()
+            assert st["message.accepted_dropped"] == "1" and st["msg_queued"] == "0"
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_accept_mode_answers_a_typing_notice_202_at_once_without_storing_it(
+        tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            release = y.hold_xsip()
+            r = await y.message(xsip_type="application/im-iscomposing+xml",
+                                sip_content__type="application/im-iscomposing+xml",
+                                xsip_body="<isComposing/>")
+            assert r.get("code") == "202"
+            assert db_rows(tmp_path) == []  # never stored, in any mode
+            await y.wait_xsip(1)
+            release.set()
+            await until(lambda: _delivered(y, "1"), 3)
+            assert_clean(y)
+
+    run(scenario)
+
+
+async def _delivered(y: Yate, n: str) -> bool:
+    return (await y.status())["msg_delivered"] == n

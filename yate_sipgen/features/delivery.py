@@ -172,6 +172,12 @@ class Route:
     code: int = 0  # failure code when there is no target
     offline: bool = False  # known user, not registered: worth storing
 
+    @property
+    def nobody(self) -> bool:
+        """No target and nothing to wait for: no such user (404), forbidden (403), ...;
+        a message for it is not worth keeping."""
+        return not self.targets and not self.offline and self.code not in STORE_WORTHY
+
 
 def route_of(answer: Message | None, exc: BaseException | None) -> Route:
     """The route Yate's answer to our ``call.route`` gives (:func:`parse_route`), or, when

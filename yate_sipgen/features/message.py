@@ -3,8 +3,8 @@
 Replaces the regexroute recipe (which answers 200 whatever happens). Paths:
 
 * ``sip.message`` (``ysipchan [message] enable=no`` + ``[methods] message=...``): the main path.
-  Mode ``relay`` answers after the outcome (200/202/failure), ``accept`` answers 202 at once and
-  delivers in the background, ``lateroute`` behaves like the recipe (200 at once, enqueue
+  Mode ``relay`` answers after the outcome (200/202/failure), ``accept`` stores, answers 202 and
+  delivers from the store, ``lateroute`` behaves like the recipe (200 at once, enqueue
   ``msg.execute callto=lateroute/<called>``).
 * ``msg.execute`` for ``sip/`` targets (``[message] msg_execute=true``), installed ahead of
   ysipchan's, for MESSAGEs Yate routes itself (``ysipchan [message] enable=yes``); with
@@ -42,7 +42,7 @@ from .identity import requester, trusted_lines
 from .offline import OfflineStore
 from .ratelimit import RateLimiter
 from .registrations import Registrations
-from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target
+from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target, route_of
 from .relay import RelayJob
 from .validation import Refusal, hops as _hops, too_big, unsupported_media
 
@@ -62,8 +62,10 @@ key(S, "enable", "bool", True,
     "installed in Yate once).")
 key(S, "mode", "choice", "relay",
     "relay: answer after the delivery outcome (200 delivered, 202 stored, or the failure). "
-    "accept: answer 202 at once and deliver in the background (as Asterisk and FreeSWITCH do; "
-    "the 202 goes before anything is stored, so a kill during the first attempt loses it). "
+    "accept: answer 202 once the message is committed to the store, then deliver it from the "
+    "store (no Yate thread waits for the delivery; a kill after the 202 loses nothing). One "
+    "that is never stored (a typing notice, store=false) gets its 202 at once, best effort; one "
+    "a store limit refuses is answered after its delivery, as in relay. "
     "lateroute: the old regexroute recipe's behaviour (200 at once, msg.execute to "
     "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
 key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
@@ -567,10 +569,60 @@ class MessageFeature:
         if self._over_rate(msg, inb.out.sender):
             return True
         if self.cfg["mode"] == "accept":
+            if self.offline.storable(inb.out, inb.media):
+                return self.engine.run_flow(msg, self._accept(msg, inb, route))
+            # a typing notice, an automatic message, no store: nothing to keep it in, so
+            # this 202 is best effort (a kill during the delivery loses it)
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
         return RelayJob(self, msg, inb, route).start()
+
+    async def _accept(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
+        """``mode=accept``: commit the message to the store, answer 202, then deliver it from
+        the store (:meth:`_deliver_accepted`): a kill after the 202 loses nothing, the
+        restart delivers it. One that cannot be stored now (a store limit, a failing store)
+        is relayed as in ``mode=relay`` and answered after the outcome: a 202 is never given
+        for a message that is not kept."""
+        out = inb.out
+        if not await self.offline.add(out, inb.media, counter="accepted",
+                                       why="accepted (mode=accept)"):
+            route = await self._route_for(msg, inb, route)
+            return await self._after_lookup(msg, inb, route, self._live_begin(msg, inb))
+        self._answer(msg, 202)
+        self.engine.answer_now(msg)
+        self.engine.spawn(self._deliver_accepted(msg, inb, route),
+                          f"accepted delivery to {out.user}")
+        return True
+
+    async def _deliver_accepted(self, msg: Message, inb: Inbound, route: Route | None) -> None:
+        """After an accept-mode 202: look the recipient up and send what the store holds for
+        them, this message among it, in order, under the recipient's lock (as the delivery
+        on REGISTER does; failures get the store's back-off). Offline or unreachable, it stays
+        stored; a recipient that does not exist (404, 403, ...) drops the copy."""
+        out = inb.out
+        route = await self._route_for(msg, inb, route)
+        if route.targets:
+            await self.deliverer.flush_user(out.user, route.targets, None, due_only=False)
+        elif route.nobody:
+            log.info("accepted message %d for %s dropped: not deliverable (%d)",
+                     out.stored_id, out.user, route.code)
+            self.counters["accepted_dropped"] += 1
+            await self.offline.discard(out.stored_id, out.user)
+
+    async def _route_for(self, msg: Message, inb: Inbound, route: Route | None) -> Route:
+        """``route`` when known already, else what :meth:`_known_route` or a call.route
+        gives (:class:`RelayJob` does the same with callbacks)."""
+        if route is None:
+            route = self._known_route(inb)
+        if route is not None:
+            return route
+        try:
+            answer = await self.engine.dispatch(self._route_message(inb, msg),
+                                                self._route_budget(msg))
+        except (DispatchTimeout, DispatchCancelled) as e:
+            return route_of(None, e)
+        return route_of(answer, None)
 
     def _known_route(self, inb: Inbound) -> Route | None:
         """The route when no call.route is needed: a foreign host (relay_foreign) or, with
@@ -811,15 +863,11 @@ class MessageFeature:
         store = offline.store
         if not state.stored_id or store is None or code == SENT_FROM_STORE:
             return
-        if 200 <= code < 300:
-            await store.delete(state.stored_id)
-            self.counters["delivered"] += 1
+        if 200 <= code < 300 or route.nobody:  # delivered, or no such user after all
+            await offline.discard(state.stored_id, out.user)
             self.counters["stored"] -= 1
-            await offline.forget_if_empty(out.user)
-        elif not route.targets and not route.offline and route.code not in STORE_WORTHY:
-            await store.delete(state.stored_id)  # no such user after all
-            self.counters["stored"] -= 1
-            await offline.forget_if_empty(out.user)
+            if 200 <= code < 300:
+                self.counters["delivered"] += 1
         else:
             await store.release(state.stored_id, 1, time.time() + self.deliverer.backoff(1))
 

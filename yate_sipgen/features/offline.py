@@ -134,8 +134,11 @@ class OfflineStore:
         return (self.store is not None and self.store.is_open and self.cfg["store"]
                 and media != ISCOMPOSING and not out.auto)
 
-    async def add(self, out: Outgoing, media: str, lease_until: float = 0.0) -> bool:
-        """Store durably (committed before we answer 202); False when we may not."""
+    async def add(self, out: Outgoing, media: str, lease_until: float = 0.0, *,
+                  counter: str = "stored", why: str = "offline or unreachable") -> bool:
+        """Store durably (committed before we answer 202); False when we may not.
+
+        ``counter`` is the status counter it adds to; ``why`` goes into the log line."""
         cfg = self.cfg
         if self.store is None or not cfg["store"] or media == ISCOMPOSING or out.auto:
             return False
@@ -158,9 +161,15 @@ class OfflineStore:
             log.error("storing a message for %s failed: %s", out.user, e)
             return False
         self.deliverer.backlog.add(out.user)
-        self.counters["stored"] += 1
-        log.info("stored message %d for %s (offline or unreachable)", out.stored_id, out.user)
+        self.counters[counter] += 1
+        log.info("stored message %d for %s (%s)", out.stored_id, out.user, why)
         return True
+
+    async def discard(self, stored_id: int, user: str) -> None:
+        """Delete one stored copy that must not be sent (delivered meanwhile, or for nobody)."""
+        if self.store is not None:
+            await self.store.delete(stored_id)
+            await self.forget_if_empty(user)
 
     async def forget_if_empty(self, user: str) -> None:
         if self.store is not None and not await self.store.count(user):
