@@ -799,3 +799,28 @@ def test_accept_mode_answers_a_typing_notice_202_at_once_without_storing_it(
 
 async def _delivered(y: Yate, n: str) -> bool:
     return (await y.status())["msg_delivered"] == n
+
+
+def test_accept_mode_right_after_a_start_waits_for_the_store_before_its_202(
+        tmp_path: Path) -> None:
+    SQLiteMessageStore(db_path(tmp_path)).close()  # the database of an earlier run
+    lock = sqlite3.connect(db_path(tmp_path), isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # another process holds it: the opening waits
+
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}, wait_store=False) as y:
+            y.register_contact(BOB, BOB_URI)
+            answer = asyncio.ensure_future(y.message(xsip_body="early"))
+            await asyncio.sleep(0.3)
+            assert not answer.done()  # no 202 while nothing can be kept
+            lock.execute("ROLLBACK")
+            assert (await answer).get("code") == "202"
+            await y.wait_xsip(1)
+            await y.wait_store_empty()
+            assert y.bodies() == ["early"]
+            assert_clean(y)
+
+    try:
+        run(scenario)
+    finally:
+        lock.close()

@@ -569,7 +569,7 @@ class MessageFeature:
         if self._over_rate(msg, inb.out.sender):
             return True
         if self.cfg["mode"] == "accept":
-            if self.offline.storable(inb.out, inb.media):
+            if self.offline.keeps(inb.out, inb.media):  # (right after a start: once open)
                 return self.engine.run_flow(msg, self._accept(msg, inb, route))
             # a typing notice, an automatic message, no store: nothing to keep it in, so
             # this 202 is best effort (a kill during the delivery loses it)

@@ -129,10 +129,15 @@ class OfflineStore:
             log.info("moved %d stored message(s) to their users' main domain", moved)
 
     # -- storing --------------------------------------------------------------------------
+    def keeps(self, out: Outgoing, media: str) -> bool:
+        """Is ``out`` a message we store at all (limits aside), the store open or still
+        opening (:meth:`add` then waits for it)?"""
+        return (self.store is not None and self.cfg["store"] and media != ISCOMPOSING
+                and not out.auto)
+
     def storable(self, out: Outgoing, media: str) -> bool:
-        """Could ``out`` be stored at all (limits aside)?"""
-        return (self.store is not None and self.store.is_open and self.cfg["store"]
-                and media != ISCOMPOSING and not out.auto)
+        """Could ``out`` be stored now, without waiting for the store to open (limits aside)?"""
+        return self.keeps(out, media) and self.store.is_open  # type: ignore[union-attr]
 
     async def add(self, out: Outgoing, media: str, lease_until: float = 0.0, *,
                   counter: str = "stored", why: str = "offline or unreachable") -> bool:
@@ -140,7 +145,7 @@ class OfflineStore:
 
         ``counter`` is the status counter it adds to; ``why`` goes into the log line."""
         cfg = self.cfg
-        if self.store is None or not cfg["store"] or media == ISCOMPOSING or out.auto:
+        if not self.keeps(out, media):
             return False
         if await self.store.count(out.user) >= cfg["max_per_user"]:
             self.counters["store_full"] += 1
