@@ -801,6 +801,94 @@ async def _delivered(y: Yate, n: str) -> bool:
     return (await y.status())["msg_delivered"] == n
 
 
+async def _in_progress(y: Yate, n: str) -> bool:
+    return (await y.status())["msg_inprogress"] == n
+
+
+# ==========================================================================
+# relay mode under overload: past accept_above waiting deliveries, accept
+# ==========================================================================
+
+
+def test_relay_past_accept_above_answers_202_once_committed_and_keeps_the_order(
+        tmp_path: Path) -> None:
+    """With ``accept_above`` MESSAGEs already waiting for their delivery, a new one is
+    answered as in accept mode (its copy committed first) and delivered from the store after
+    the ones ahead of it; once the waiting ones are through, messages are relayed again."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"accept_above": "2"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            gate = asyncio.Event()
+
+            async def phone(m):
+                if m.get("xsip_body") == "1":
+                    await gate.wait()
+                return 200
+
+            y.xsip = phone
+            waiting = [asyncio.ensure_future(y.message(xsip_body=b)) for b in ("1", "2")]
+            await until(lambda: _in_progress(y, "2"))  # "1" at the phone, "2" behind it
+            assert (await y.message(xsip_body="3")).get("code") == "202"
+            (row_,) = db_rows(tmp_path)  # there when the 202 came
+            assert row_["body"] == b"3"
+            assert (await y.message(xsip_body="4")).get("code") == "202"
+            assert not any(w.done() for w in waiting) and y.bodies() == ["1"]
+            gate.set()
+            assert [(await w).get("code") for w in waiting] == ["200", "200"]
+            await y.wait_xsip(4)
+            await y.wait_store_empty()
+            assert (await y.message(xsip_body="5")).get("code") == "200"  # relayed again
+            assert y.bodies() == ["1", "2", "3", "4", "5"] and y.xsip_max_active == 1
+            st = await y.status()
+            assert st["message.overload_accepted"] == "2" and st["msg_delivered"] == "5"
+            assert "message.accepted" not in st and st["msg_stored"] == "0"
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_relay_past_accept_above_still_waits_for_a_message_that_is_never_stored(
+        tmp_path: Path) -> None:
+    """A typing notice cannot be kept, so overload gives it no 202: its answer is the
+    outcome, as without overload."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"accept_above": "1"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            release = y.hold_xsip()
+            first = asyncio.ensure_future(y.message(xsip_body="1"))
+            await until(lambda: _in_progress(y, "1"))
+            typing = asyncio.ensure_future(y.message(
+                xsip_type="application/im-iscomposing+xml",
+                sip_content__type="application/im-iscomposing+xml", xsip_body="<isComposing/>"))
+            await asyncio.sleep(0.3)
+            assert not typing.done() and db_rows(tmp_path) == []
+            release.set()
+            assert (await first).get("code") == "200"
+            assert (await typing).get("code") == "200"
+            assert y.bodies() == ["1", "<isComposing/>"]
+            assert "message.overload_accepted" not in await y.status()
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_relay_with_accept_above_0_never_answers_before_the_outcome(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with started(tmp_path, {"accept_above": "0"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            release = y.hold_xsip()
+            answers = [asyncio.ensure_future(y.message(xsip_body=str(i))) for i in range(5)]
+            await until(lambda: _in_progress(y, "5"))
+            await asyncio.sleep(0.2)
+            assert not any(a.done() for a in answers) and db_rows(tmp_path) == []
+            release.set()
+            assert [(await a).get("code") for a in answers] == ["200"] * 5
+            assert y.bodies() == [str(i) for i in range(5)]
+            assert_clean(y)
+
+    run(scenario)
+
+
 def test_accept_mode_right_after_a_start_waits_for_the_store_before_its_202(
         tmp_path: Path) -> None:
     SQLiteMessageStore(db_path(tmp_path)).close()  # the database of an earlier run

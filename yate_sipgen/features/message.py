@@ -68,6 +68,13 @@ key(S, "mode", "choice", "relay",
     "a store limit refuses is answered after its delivery, as in relay. "
     "lateroute: the old regexroute recipe's behaviour (200 at once, msg.execute to "
     "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
+key(S, "accept_above", "int", 50,
+    "relay mode under overload: while this many MESSAGEs are already waiting for their "
+    "delivery (status msg_inprogress), a new one is answered as in accept mode (202 once "
+    "committed to the store, then delivered from it, in order). Each waiting MESSAGE holds a "
+    "Yate thread that Yate keeps polling, so past a point the waiting itself eats Yate's CPU "
+    "and every answer slows; this caps it. 0: never (every answer waits for its outcome).",
+    minimum=0, maximum=100000)
 key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
     maximum=1000)
 key(S, "auth", "choice", "required",
@@ -568,7 +575,8 @@ class MessageFeature:
         Returns True (answered) or the work that answers (see Engine's deferred handlers)."""
         if self._over_rate(msg, inb.out.sender):
             return True
-        if self.cfg["mode"] == "accept":
+        cfg = self.cfg
+        if cfg["mode"] == "accept":
             if self.offline.keeps(inb.out, inb.media):  # (right after a start: once open)
                 return self.engine.run_flow(msg, self._accept(msg, inb, route))
             # a typing notice, an automatic message, no store: nothing to keep it in, so
@@ -576,17 +584,24 @@ class MessageFeature:
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
+        elif self._live >= cfg["accept_above"] > 0 and self.offline.keeps(inb.out, inb.media):
+            # overload: stop adding Yate threads that wait on us (one never stored still does)
+            return self.engine.run_flow(msg, self._accept(msg, inb, route, overload=True))
         return RelayJob(self, msg, inb, route).start()
 
-    async def _accept(self, msg: Message, inb: Inbound, route: Route | None) -> bool:
-        """``mode=accept``: commit the message to the store, answer 202, then deliver it from
-        the store (:meth:`_deliver_accepted`): a kill after the 202 loses nothing, the
-        restart delivers it. One that cannot be stored now (a store limit, a failing store)
-        is relayed as in ``mode=relay`` and answered after the outcome: a 202 is never given
-        for a message that is not kept."""
+    async def _accept(self, msg: Message, inb: Inbound, route: Route | None,
+                      overload: bool = False) -> bool:
+        """``mode=accept`` (or ``overload``: relay mode past ``accept_above``): commit the
+        message to the store, answer 202, then deliver it from the store
+        (:meth:`_deliver_accepted`): a kill after the 202 loses nothing, the restart delivers
+        it. One that cannot be stored now (a store limit, a failing store) is relayed as in
+        ``mode=relay`` and answered after the outcome: a 202 is never given for a message
+        that is not kept."""
         out = inb.out
-        if not await self.offline.add(out, inb.media, counter="accepted",
-                                       why="accepted (mode=accept)"):
+        if not await self.offline.add(
+                out, inb.media, counter="overload_accepted" if overload else "accepted",
+                why=(f"accepted: {self._live} deliveries in progress" if overload
+                     else "accepted (mode=accept)")):
             route = await self._route_for(msg, inb, route)
             return await self._after_lookup(msg, inb, route, self._live_begin(msg, inb))
         self._answer(msg, 202)
