@@ -68,12 +68,14 @@ key(S, "mode", "choice", "relay",
     "a store limit refuses is answered after its delivery, as in relay. "
     "lateroute: the old regexroute recipe's behaviour (200 at once, msg.execute to "
     "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
-key(S, "accept_above", "int", 50,
+key(S, "accept_above", "int", 0,
     "relay mode under overload: while this many MESSAGEs are already waiting for their "
     "delivery (status msg_inprogress), a new one is answered as in accept mode (202 once "
     "committed to the store, then delivered from it, in order). Each waiting MESSAGE holds a "
-    "Yate thread that Yate keeps polling, so past a point the waiting itself eats Yate's CPU "
-    "and every answer slows; this caps it. 0: never (every answer waits for its outcome).",
+    "Yate thread that Yate keeps polling, so past a point the waiting itself eats Yate's CPU; "
+    "this caps it. It helps only beyond what the machine sustains: below that, bursts above "
+    "the cap get 202s and the messages behind them wait for the store. 0: never (every "
+    "answer waits for its outcome).",
     minimum=0, maximum=100000)
 key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
     maximum=1000)
