@@ -791,18 +791,15 @@ def test_accept_mode_answers_a_typing_notice_202_at_once_without_storing_it(
             assert db_rows(tmp_path) == []  # never stored, in any mode
             await y.wait_xsip(1)
             release.set()
-            await until(lambda: _delivered(y, "1"), 3)
+            await until(lambda: _status_is(y, "msg_delivered", "1"), 3)
             assert_clean(y)
 
     run(scenario)
 
 
-async def _delivered(y: Yate, n: str) -> bool:
-    return (await y.status())["msg_delivered"] == n
-
-
-async def _in_progress(y: Yate, n: str) -> bool:
-    return (await y.status())["msg_inprogress"] == n
+async def _status_is(y: Yate, key: str, n: str) -> bool:
+    """Does ``status sipgen`` show ``key`` = ``n`` (a predicate for :func:`until`)?"""
+    return (await y.status())[key] == n
 
 
 # ==========================================================================
@@ -827,7 +824,7 @@ def test_relay_past_accept_above_answers_202_once_committed_and_keeps_the_order(
 
             y.xsip = phone
             waiting = [asyncio.ensure_future(y.message(xsip_body=b)) for b in ("1", "2")]
-            await until(lambda: _in_progress(y, "2"))  # "1" at the phone, "2" behind it
+            await until(lambda: _status_is(y, "msg_inprogress", "2"))  # "1" at the phone, "2" behind it
             assert (await y.message(xsip_body="3")).get("code") == "202"
             (row_,) = db_rows(tmp_path)  # there when the 202 came
             assert row_["body"] == b"3"
@@ -856,7 +853,7 @@ def test_relay_past_accept_above_still_waits_for_a_message_that_is_never_stored(
             y.register_contact(BOB, BOB_URI)
             release = y.hold_xsip()
             first = asyncio.ensure_future(y.message(xsip_body="1"))
-            await until(lambda: _in_progress(y, "1"))
+            await until(lambda: _status_is(y, "msg_inprogress", "1"))
             typing = asyncio.ensure_future(y.message(
                 xsip_type="application/im-iscomposing+xml",
                 sip_content__type="application/im-iscomposing+xml", xsip_body="<isComposing/>"))
@@ -878,7 +875,7 @@ def test_relay_with_accept_above_0_never_answers_before_the_outcome(tmp_path: Pa
             y.register_contact(BOB, BOB_URI)
             release = y.hold_xsip()
             answers = [asyncio.ensure_future(y.message(xsip_body=str(i))) for i in range(5)]
-            await until(lambda: _in_progress(y, "5"))
+            await until(lambda: _status_is(y, "msg_inprogress", "5"))
             await asyncio.sleep(0.2)
             assert not any(a.done() for a in answers) and db_rows(tmp_path) == []
             release.set()
