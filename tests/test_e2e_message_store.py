@@ -813,7 +813,7 @@ def test_relay_past_accept_above_answers_202_once_committed_and_keeps_the_order(
     answered as in accept mode (its copy committed first) and delivered from the store after
     the ones ahead of it; once the waiting ones are through, messages are relayed again."""
     async def scenario() -> None:
-        async with started(tmp_path, {"accept_above": "2"}) as y:
+        async with started(tmp_path, {"accept_above": "2", "accept_after": "0"}) as y:
             y.register_contact(BOB, BOB_URI)
             gate = asyncio.Event()
 
@@ -849,7 +849,7 @@ def test_relay_past_accept_above_still_waits_for_a_message_that_is_never_stored(
     """A typing notice cannot be kept, so overload gives it no 202: its answer is the
     outcome, as without overload."""
     async def scenario() -> None:
-        async with started(tmp_path, {"accept_above": "1"}) as y:
+        async with started(tmp_path, {"accept_above": "1", "accept_after": "0"}) as y:
             y.register_contact(BOB, BOB_URI)
             release = y.hold_xsip()
             first = asyncio.ensure_future(y.message(xsip_body="1"))
@@ -864,6 +864,35 @@ def test_relay_past_accept_above_still_waits_for_a_message_that_is_never_stored(
             assert (await typing).get("code") == "200"
             assert y.bodies() == ["1", "<isComposing/>"]
             assert "message.overload_accepted" not in await y.status()
+            assert_clean(y)
+
+    run(scenario)
+
+
+def test_relay_past_accept_above_relays_a_burst_until_the_oldest_has_waited_accept_after(
+        tmp_path: Path) -> None:
+    """Past the cap, a MESSAGE is still relayed (answered with its outcome) while the oldest
+    waiting one is younger than accept_after: a burst the phone takes at once gets 200s. Once
+    the oldest has waited that long, the next one is accepted (202), and delivered after the
+    ones ahead of it."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"accept_above": "2", "accept_after": "400"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            release = y.hold_xsip()
+            t0 = time.monotonic()
+            waiting = [asyncio.ensure_future(y.message(xsip_body=b)) for b in ("1", "2")]
+            await until(lambda: _status_is(y, "msg_inprogress", "2"))
+            third = asyncio.ensure_future(y.message(xsip_body="3"))  # 2 waiting, but young
+            await until(lambda: _status_is(y, "msg_inprogress", "3"))
+            assert not third.done() and db_rows(tmp_path) == []
+            await asyncio.sleep(max(0.0, t0 + 0.45 - time.monotonic()))
+            assert (await y.message(xsip_body="4")).get("code") == "202"  # the oldest: 0.45 s
+            assert [r["body"] for r in db_rows(tmp_path)] == [b"4"]
+            release.set()
+            assert [(await w).get("code") for w in (*waiting, third)] == ["200"] * 3
+            await y.wait_store_empty()
+            assert y.bodies() == ["1", "2", "3", "4"]
+            assert (await y.status())["message.overload_accepted"] == "1"
             assert_clean(y)
 
     run(scenario)

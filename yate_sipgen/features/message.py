@@ -68,15 +68,19 @@ key(S, "mode", "choice", "relay",
     "a store limit refuses is answered after its delivery, as in relay. "
     "lateroute: the old regexroute recipe's behaviour (200 at once, msg.execute to "
     "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
-key(S, "accept_above", "int", 0,
+key(S, "accept_above", "int", 50,
     "relay mode under overload: while this many MESSAGEs are already waiting for their "
-    "delivery (status msg_inprogress), a new one is answered as in accept mode (202 once "
-    "committed to the store, then delivered from it, in order). Each waiting MESSAGE holds a "
-    "Yate thread that Yate keeps polling, so past a point the waiting itself eats Yate's CPU; "
-    "this caps it. It helps only beyond what the machine sustains: below that, bursts above "
-    "the cap get 202s and the messages behind them wait for the store. 0: never (every "
-    "answer waits for its outcome).",
+    "delivery (status msg_inprogress) and the oldest of them has waited accept_after, a new one "
+    "is answered as in accept mode (202 once committed to the store, then delivered from it, in "
+    "order). Each waiting MESSAGE holds a Yate thread that Yate keeps polling, so past a point "
+    "the waiting itself eats Yate's CPU and the queue feeds itself; this caps it. 0: never "
+    "(every answer waits for its outcome).",
     minimum=0, maximum=100000)
+key(S, "accept_after", "int", 200,
+    "With accept_above: only once the oldest of those waiting MESSAGEs has waited this many "
+    "milliseconds. A burst that the machine delivers at once then still gets 200s; a queue that "
+    "keeps growing (Yate out of CPU) gets the 202s. 0: the count alone decides.",
+    minimum=0, maximum=60000)
 key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
     maximum=1000)
 key(S, "auth", "choice", "required",
@@ -346,6 +350,7 @@ class MessageFeature:
         self.cfg["_trusted"] = trusted_lines(self.cfg["trusted_lines"])
         self.cfg["_auth_required"] = self.cfg["auth"] == "required"
         self.cfg["_accept"] = ", ".join(self.cfg["content_types"])
+        self.cfg["_accept_after"] = self.cfg["accept_after"] / 1000.0
         self.limiter.configure(self.cfg["sender_rate"], self.cfg["sender_burst"])
         d = self.deliverer
         d.configure(max_concurrent=self.cfg["max_concurrent"],
@@ -586,7 +591,8 @@ class MessageFeature:
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
-        elif self._live >= cfg["accept_above"] > 0 and self.offline.keeps(inb.out, inb.media):
+        elif (self._live >= cfg["accept_above"] > 0 and self._oldest_wait() >= cfg["_accept_after"]
+              and self.offline.keeps(inb.out, inb.media)):
             # overload: stop adding Yate threads that wait on us (one never stored still does)
             return self.engine.run_flow(msg, self._accept(msg, inb, route, overload=True))
         return RelayJob(self, msg, inb, route).start()
@@ -659,6 +665,13 @@ class MessageFeature:
             self._watch_deadline(id(state), msg, inb.out, inb.media, state)
         self._live += 1
         return state
+
+    def _oldest_wait(self) -> float:
+        """Seconds the oldest MESSAGE still waiting for its delivery's outcome has waited
+        (its sender's answer, and the Yate thread behind it, wait with it)."""
+        for entry in self._deadlines.values():  # in arrival order: the first is the oldest
+            return self.engine.now() - entry[1].received_at
+        return 0.0
 
     def _live_end(self, state: "_LiveState") -> None:
         self._live -= 1
