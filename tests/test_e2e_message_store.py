@@ -813,7 +813,7 @@ def test_relay_past_accept_above_answers_202_once_committed_and_keeps_the_order(
     answered as in accept mode (its copy committed first) and delivered from the store after
     the ones ahead of it; once the waiting ones are through, messages are relayed again."""
     async def scenario() -> None:
-        async with started(tmp_path, {"accept_above": "2", "accept_after": "0"}) as y:
+        async with started(tmp_path, {"accept_above": "2", "slow_delivery": "0"}) as y:
             y.register_contact(BOB, BOB_URI)
             gate = asyncio.Event()
 
@@ -849,7 +849,7 @@ def test_relay_past_accept_above_still_waits_for_a_message_that_is_never_stored(
     """A typing notice cannot be kept, so overload gives it no 202: its answer is the
     outcome, as without overload."""
     async def scenario() -> None:
-        async with started(tmp_path, {"accept_above": "1", "accept_after": "0"}) as y:
+        async with started(tmp_path, {"accept_above": "1", "slow_delivery": "0"}) as y:
             y.register_contact(BOB, BOB_URI)
             release = y.hold_xsip()
             first = asyncio.ensure_future(y.message(xsip_body="1"))
@@ -869,29 +869,41 @@ def test_relay_past_accept_above_still_waits_for_a_message_that_is_never_stored(
     run(scenario)
 
 
-def test_relay_past_accept_above_relays_a_burst_until_the_oldest_has_waited_accept_after(
+def test_relay_past_accept_above_accepts_only_while_deliveries_are_slow(
         tmp_path: Path) -> None:
-    """Past the cap, a MESSAGE is still relayed (answered with its outcome) while the oldest
-    waiting one is younger than accept_after: a burst the phone takes at once gets 200s. Once
-    the oldest has waited that long, the next one is accepted (202), and delivered after the
-    ones ahead of it."""
+    """Past the cap, a MESSAGE is still relayed (answered with its outcome) while deliveries
+    are fast: a burst, or one busy recipient's queue, keeps its 200s. Once deliveries have been
+    slower than slow_delivery, the next one past the cap is accepted (202), and delivered after
+    the ones ahead of it."""
     async def scenario() -> None:
-        async with started(tmp_path, {"accept_above": "2", "accept_after": "400"}) as y:
+        async with started(tmp_path, {"accept_above": "2", "slow_delivery": "100"}) as y:
             y.register_contact(BOB, BOB_URI)
             release = y.hold_xsip()
-            t0 = time.monotonic()
             waiting = [asyncio.ensure_future(y.message(xsip_body=b)) for b in ("1", "2")]
             await until(lambda: _status_is(y, "msg_inprogress", "2"))
-            third = asyncio.ensure_future(y.message(xsip_body="3"))  # 2 waiting, but young
+            third = asyncio.ensure_future(y.message(xsip_body="3"))  # past the cap, but fast
             await until(lambda: _status_is(y, "msg_inprogress", "3"))
+            await asyncio.sleep(0.2)
             assert not third.done() and db_rows(tmp_path) == []
-            await asyncio.sleep(max(0.0, t0 + 0.45 - time.monotonic()))
-            assert (await y.message(xsip_body="4")).get("code") == "202"  # the oldest: 0.45 s
-            assert [r["body"] for r in db_rows(tmp_path)] == [b"4"]
             release.set()
             assert [(await w).get("code") for w in (*waiting, third)] == ["200"] * 3
+
+            async def slow_phone(m):
+                await asyncio.sleep(0.25)
+                return 200
+
+            y.xsip = slow_phone
+            for b in ("4", "5", "6", "7"):  # one at a time: never past the cap
+                assert (await y.message(xsip_body=b)).get("code") == "200"
+            release = y.hold_xsip()
+            waiting = [asyncio.ensure_future(y.message(xsip_body=b)) for b in ("8", "9")]
+            await until(lambda: _status_is(y, "msg_inprogress", "2"))
+            assert (await y.message(xsip_body="10")).get("code") == "202"  # slow: accepted
+            assert [r["body"] for r in db_rows(tmp_path)] == [b"10"]
+            release.set()
+            assert [(await w).get("code") for w in waiting] == ["200"] * 2
             await y.wait_store_empty()
-            assert y.bodies() == ["1", "2", "3", "4"]
+            assert y.bodies() == [str(i) for i in range(1, 11)]
             assert (await y.status())["message.overload_accepted"] == "1"
             assert_clean(y)
 

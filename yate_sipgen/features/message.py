@@ -70,16 +70,19 @@ key(S, "mode", "choice", "relay",
     "lateroute/<called>).", choices=("relay", "accept", "lateroute"))
 key(S, "accept_above", "int", 50,
     "relay mode under overload: while this many MESSAGEs are already waiting for their "
-    "delivery (status msg_inprogress) and the oldest of them has waited accept_after, a new one "
-    "is answered as in accept mode (202 once committed to the store, then delivered from it, in "
+    "delivery (status msg_inprogress) and deliveries are slow (slow_delivery), a new one is "
+    "answered as in accept mode (202 once committed to the store, then delivered from it, in "
     "order). Each waiting MESSAGE holds a Yate thread that Yate keeps polling, so past a point "
     "the waiting itself eats Yate's CPU and the queue feeds itself; this caps it. 0: never "
     "(every answer waits for its outcome).",
     minimum=0, maximum=100000)
-key(S, "accept_after", "int", 200,
-    "With accept_above: only once the oldest of those waiting MESSAGEs has waited this many "
-    "milliseconds. A burst that the machine delivers at once then still gets 200s; a queue that "
-    "keeps growing (Yate out of CPU) gets the 202s. 0: the count alone decides.",
+key(S, "slow_delivery", "int", 200,
+    "With accept_above: a delivery (xsip.generate until the phone's answer, smoothed over the "
+    "last ones) taking at least this many milliseconds means Yate is overloaded; only then does "
+    "accept_above apply. A burst the machine delivers at once, or one busy recipient's queue "
+    "(stored and answered 202 when it would outlast the answer deadline), keeps its 200s. "
+    "Raise it where phones are far away (a long round trip makes every delivery slow). 0: the "
+    "count alone decides.",
     minimum=0, maximum=60000)
 key(S, "priority", "int", 50, "Priority of our sip.message handler in Yate.", minimum=0,
     maximum=1000)
@@ -350,7 +353,7 @@ class MessageFeature:
         self.cfg["_trusted"] = trusted_lines(self.cfg["trusted_lines"])
         self.cfg["_auth_required"] = self.cfg["auth"] == "required"
         self.cfg["_accept"] = ", ".join(self.cfg["content_types"])
-        self.cfg["_accept_after"] = self.cfg["accept_after"] / 1000.0
+        self.cfg["_slow_delivery"] = self.cfg["slow_delivery"] / 1000.0
         self.limiter.configure(self.cfg["sender_rate"], self.cfg["sender_burst"])
         d = self.deliverer
         d.configure(max_concurrent=self.cfg["max_concurrent"],
@@ -591,9 +594,12 @@ class MessageFeature:
             msg["code"] = "202"
             self.engine.answer_now(msg)
             self.counters["accepted"] += 1
-        elif (self._live >= cfg["accept_above"] > 0 and self._oldest_wait() >= cfg["_accept_after"]
+        elif (self._live >= cfg["accept_above"] > 0
+              and self.deliverer.delivery_time >= cfg["_slow_delivery"]
               and self.offline.keeps(inb.out, inb.media)):
-            # overload: stop adding Yate threads that wait on us (one never stored still does)
+            # overload: stop adding Yate threads that wait on us (one never stored still does).
+            # Slow deliveries tell it from one busy recipient's queue, which the spill handles
+            # (a queue diverted to the store would drain slower than the live relay)
             return self.engine.run_flow(msg, self._accept(msg, inb, route, overload=True))
         return RelayJob(self, msg, inb, route).start()
 
@@ -665,13 +671,6 @@ class MessageFeature:
             self._watch_deadline(id(state), msg, inb.out, inb.media, state)
         self._live += 1
         return state
-
-    def _oldest_wait(self) -> float:
-        """Seconds the oldest MESSAGE still waiting for its delivery's outcome has waited
-        (its sender's answer, and the Yate thread behind it, wait with it)."""
-        for entry in self._deadlines.values():  # in arrival order: the first is the oldest
-            return self.engine.now() - entry[1].received_at
-        return 0.0
 
     def _live_end(self, state: "_LiveState") -> None:
         self._live -= 1
