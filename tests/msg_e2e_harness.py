@@ -179,13 +179,15 @@ class Yate:
         if oconnection_id:
             self.oconn[key] = oconnection_id
 
-    def hold_xsip(self, code: int = 200) -> asyncio.Event:
+    def hold_xsip(self, code: int = 200, body: Optional[str] = None) -> asyncio.Event:
         """From now on the phone answers each xsip.generate ``code`` only once the returned
-        event is set (never, if nobody sets it)."""
+        event is set (never, if nobody sets it); with ``body``, only the one whose
+        ``xsip_body`` is that (the others are answered at once)."""
         release = asyncio.Event()
 
         async def held(m: YMessage) -> int:
-            await release.wait()
+            if body is None or m.get("xsip_body") == body:
+                await release.wait()
             return code
 
         self.xsip = held

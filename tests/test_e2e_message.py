@@ -817,14 +817,7 @@ def test_messages_to_one_user_go_out_one_at_a_time_in_order(tmp_path: Path) -> N
         async with started(tmp_path) as y:
             y.register_contact(BOB, BOB_URI)
             y.register_contact("carol@example.com", "sip:carol@192.0.2.40:5060")
-            gate = asyncio.Event()
-
-            async def gen(m):
-                if m.get("xsip_body") == "1":
-                    await gate.wait()
-                return 200
-
-            y.xsip = gen
+            gate = y.hold_xsip(body="1")
             tasks = []
             for i in range(1, 5):
                 tasks.append(asyncio.ensure_future(y.message(xsip_body=str(i))))

@@ -722,14 +722,7 @@ def test_accept_mode_delivers_one_recipients_messages_one_at_a_time_in_order(
     async def scenario() -> None:
         async with started(tmp_path, {"mode": "accept"}) as y:
             y.register_contact(BOB, BOB_URI)
-            gate = asyncio.Event()
-
-            async def gen(m):
-                if m.get("xsip_body") == "1":
-                    await gate.wait()
-                return 200
-
-            y.xsip = gen
+            gate = y.hold_xsip(body="1")
             for i in range(1, 5):  # each answered at once, the first still being delivered
                 assert (await y.message(xsip_body=str(i))).get("code") == "202"
             await y.wait_xsip(1)
@@ -815,14 +808,7 @@ def test_relay_past_accept_above_answers_202_once_committed_and_keeps_the_order(
     async def scenario() -> None:
         async with started(tmp_path, {"accept_above": "2", "slow_delivery": "0"}) as y:
             y.register_contact(BOB, BOB_URI)
-            gate = asyncio.Event()
-
-            async def phone(m):
-                if m.get("xsip_body") == "1":
-                    await gate.wait()
-                return 200
-
-            y.xsip = phone
+            gate = y.hold_xsip(body="1")
             waiting = [asyncio.ensure_future(y.message(xsip_body=b)) for b in ("1", "2")]
             await until(lambda: _status_is(y, "msg_inprogress", "2"))  # "1" at the phone, "2" behind it
             assert (await y.message(xsip_body="3")).get("code") == "202"
