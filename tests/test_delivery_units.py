@@ -6,6 +6,7 @@ Deliverer's sending and store-and-forward runs against a scripted engine.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from yate_sipgen.features.message import MessageFeature
 from yate_sipgen.message import Message
 from yate_sipgen.sip import (HeaderValueError, format_name_addr, header_param, header_safe,
                              http_date, media_type, parse_name_addr, parse_uri, quote_display)
-from yate_sipgen.store import AsyncStore, SQLiteMessageStore, StoredMessage
+from yate_sipgen.store import AsyncStore, SQLiteMessageStore, StoredMessage, StoreLimit
 
 
 def answer(retval: str = "", handled: bool = True, **params: str) -> Message:
@@ -253,6 +254,21 @@ def test_store_add_list_count_delete_and_round_trip_of_every_field(dbfile: str) 
     assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     s.delete(i)
     assert s.list() == [] and s.count() == 0
+    s.close()
+
+
+def test_store_add_within_refuses_at_either_limit_and_writes_nothing(dbfile: str) -> None:
+    s = SQLiteMessageStore(dbfile)
+    s.add_within(msg(), max_per_user=2, max_total=3)
+    s.add_within(msg(), max_per_user=2, max_total=3)
+    with pytest.raises(StoreLimit) as e:
+        s.add_within(msg(), max_per_user=2, max_total=3)
+    assert (e.value.scope, e.value.limit) == ("per_user", 2)
+    s.add_within(msg(user="carol@example.com"), max_per_user=2, max_total=3)
+    with pytest.raises(StoreLimit) as e:
+        s.add_within(msg(user="dave@example.com"), max_per_user=2, max_total=3)
+    assert (e.value.scope, e.value.limit) == ("total", 3)
+    assert s.count() == 3 and s.count("dave@example.com") == 0
     s.close()
 
 
@@ -635,6 +651,48 @@ def test_flush_user_delivers_in_order_deletes_on_2xx_and_backs_off_at_the_first_
         assert raw == [("", 0)] * 3  # nothing stays leased after the run
         assert d.counters["delivered"] == 2 and d.counters["retry"] == 1
         assert "bob@example.com" in d.backlog
+        d.store.close()
+
+    asyncio.run(scenario())
+
+
+class DeleteGatedStore(SQLiteMessageStore):
+    """Its deletes wait until the test lets them go (each one's start is recorded)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.deleting: list[int] = []
+        self.release = threading.Event()
+
+    def delete(self, msg_id: int) -> None:
+        self.deleting.append(msg_id)
+        assert self.release.wait(10)
+        super().delete(msg_id)
+
+
+def test_flush_user_sends_the_next_stored_message_without_waiting_for_the_last_delete(
+        tmp_path: Path) -> None:
+    """The delete after a delivery is the store's business: the next send goes at once (a
+    commit per message on the way made one user's stored queue drain slower than the live
+    relay), and the run still ends with every delivered row gone."""
+    async def scenario() -> None:
+        e = ScriptedEngine(lambda m: 200)
+        d = deliverer(e)
+        d.store = AsyncStore(DeleteGatedStore(str(tmp_path / "m.db")))
+        ids = [await d.store.add(msg(body=str(n))) for n in range(3)]
+        d.backlog.add("bob@example.com")
+        run = asyncio.ensure_future(
+            d.flush_user("bob@example.com", [Target("sip/sip:b@h")], None, due_only=False))
+        deadline = time.monotonic() + 5
+        while len(e.sent) < 3:  # all three sent while the first delete is still held
+            assert time.monotonic() < deadline, f"sent {len(e.sent)}"
+            await asyncio.sleep(0.01)
+        assert [m["xsip_body"] for m in e.sent] == ["0", "1", "2"]
+        assert d.store.store.deleting == ids[:1] and not run.done()
+        d.store.store.release.set()
+        assert await run is True
+        assert await d.store.count() == 0 and "bob@example.com" not in d.backlog
+        assert d.counters["delivered"] == 3
         d.store.close()
 
     asyncio.run(scenario())

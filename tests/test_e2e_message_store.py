@@ -738,6 +738,31 @@ def test_accept_mode_delivers_one_recipients_messages_one_at_a_time_in_order(
     run(scenario)
 
 
+def test_accept_mode_drains_what_one_recipient_is_sent_meanwhile_in_one_more_run(
+        tmp_path: Path) -> None:
+    """The messages accepted for a recipient while a drain of theirs runs join it: one more
+    run after it, with one lookup (a run and a call.route per message made each of them wait
+    for the lock only to find the store emptied already), in order, each once."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"mode": "accept"}) as y:
+            y.register_contact(BOB, BOB_URI)
+            gate = y.hold_xsip(body="1")
+            for i in range(1, 11):  # 2..10 accepted while "1" is being delivered
+                assert (await y.message(xsip_body=str(i))).get("code") == "202"
+            await y.wait_xsip(1)
+            assert len(y.routes_seen) == 1
+            gate.set()
+            await y.wait_xsip(10)
+            await y.wait_store_empty()
+            await y.settle()
+            assert y.bodies() == [str(i) for i in range(1, 11)] and y.xsip_max_active == 1
+            assert len(y.routes_seen) == 2  # "1"'s run, then one for the nine behind it
+            assert (await y.status())["msg_delivered"] == "10"
+            assert_clean(y)
+
+    run(scenario)
+
+
 def test_accept_mode_answers_after_the_delivery_when_a_store_limit_refuses_the_copy(
         tmp_path: Path) -> None:
     async def scenario() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 import socket
@@ -41,6 +42,8 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+
+log = logging.getLogger("yate_sipgen.store")
 
 
 @dataclass
@@ -69,12 +72,34 @@ class StoredMessage:
         return len(self.body) + sum(len(v) for v in self.extra.values())
 
 
+class StoreLimit(Exception):
+    """:meth:`MessageStore.add_within` refused: ``scope`` ("per_user" or "total") is at
+    ``limit``."""
+
+    def __init__(self, scope: str, limit: int) -> None:
+        super().__init__(f"{scope} limit {limit}")
+        self.scope = scope
+        self.limit = limit
+
+
 class MessageStore(ABC):
     """Storage of messages for offline users (synchronous; wrap with :class:`AsyncStore`)."""
 
     @abstractmethod
     def add(self, msg: StoredMessage, lease_owner: str = "", lease_until: float = 0.0) -> int:
         """Store durably; returns the new id. A lease keeps it from being claimed meanwhile."""
+
+    def add_within(self, msg: StoredMessage, max_per_user: int, max_total: int,
+                   lease_owner: str = "", lease_until: float = 0.0) -> int:
+        """:meth:`add`, unless the recipient already has ``max_per_user`` rows or the store
+        ``max_total``: then nothing is written and :class:`StoreLimit` says which. One call,
+        so through :class:`AsyncStore` the checks and the write are one trip to the store's
+        thread (and one transaction) instead of three."""
+        if self.count(msg.user) >= max_per_user:
+            raise StoreLimit("per_user", max_per_user)
+        if self.count() >= max_total:
+            raise StoreLimit("total", max_total)
+        return self.add(msg, lease_owner, lease_until)
 
     @abstractmethod
     def count(self, user: str | None = None) -> int: ...
@@ -668,9 +693,25 @@ class AsyncStore:
         self.__dict__[name] = call  # found at once next time
         return call
 
+    def post(self, name: str, *args: Any) -> "asyncio.Future[Any]":
+        """Call ``name`` without waiting for it: the returned future resolves as the awaited
+        call would (after the commit that holds it). Calls made later still run after it, in
+        order, so a later read sees its write. For writes nobody needs to wait for (the
+        delete after a delivery); a failure is logged here, whether or not anyone looks."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._w.submit(_Call(name, args, {}, fut, loop))
+        fut.add_done_callback(_log_posted_failure)
+        return fut
+
     def close(self) -> None:
         """Run what was already called, then close the store and stop the thread (waits)."""
         self._w.stop(wait=True)
+
+
+def _log_posted_failure(fut: "asyncio.Future[Any]") -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("store write failed: %s", fut.exception())
 
 
 def now() -> float:

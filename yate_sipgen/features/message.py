@@ -233,6 +233,8 @@ class MessageFeature:
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
         self._parties: dict[tuple[str, ...], _Parties] = {}
+        #: recipient -> accepted messages waiting for the drain that runs for them
+        self._accepted: dict[str, list[tuple[Message, Inbound, Route | None]]] = {}
         self.state_dir = ""
 
     @property
@@ -620,24 +622,51 @@ class MessageFeature:
             return await self._after_lookup(msg, inb, route, self._live_begin(msg, inb))
         self._answer(msg, 202)
         self.engine.answer_now(msg)
-        self.engine.spawn(self._deliver_accepted(msg, inb, route),
-                          f"accepted delivery to {out.user}")
+        waiting = self._accepted.get(out.user)
+        if waiting is not None:  # the drain running for this user takes this one too
+            waiting.append((msg, inb, route))
+        else:
+            self._accepted[out.user] = []
+            self.engine.spawn(self._drain_accepted(msg, inb, route),
+                              f"accepted delivery to {out.user}")
         return True
 
-    async def _deliver_accepted(self, msg: Message, inb: Inbound, route: Route | None) -> None:
-        """After an accept-mode 202: look the recipient up and send what the store holds for
-        them, this message among it, in order, under the recipient's lock (as the delivery
-        on REGISTER does; failures get the store's back-off). Offline or unreachable, it stays
-        stored; a recipient that does not exist (404, 403, ...) drops the copy."""
-        out = inb.out
+    async def _drain_accepted(self, msg: Message, inb: Inbound, route: Route | None) -> None:
+        """The accepted messages of one recipient, delivered by one task: this one, then, as
+        long as more are accepted meanwhile (each committed before it is queued here), the
+        next batch of them. One delivery task per message made each of them wait for the
+        recipient's lock only to find the store emptied by the one before (a claim and a
+        count each): one busy recipient's accepted queue drained at half the rate."""
+        user = inb.out.user
+        batch = [(msg, inb, route)]
+        try:
+            while batch:
+                try:
+                    await self._deliver_accepted(user, batch)
+                except Exception:  # (the store's back-off and retries still apply)
+                    log.exception("delivering accepted messages to %s failed", user)
+                batch = self._accepted[user]
+                self._accepted[user] = []
+        finally:
+            del self._accepted[user]
+
+    async def _deliver_accepted(self, user: str,
+                                batch: list[tuple[Message, Inbound, Route | None]]) -> None:
+        """After accept-mode 202s: look the recipient up (for the latest of ``batch``) and
+        send what the store holds for them, these messages among it, in order, under the
+        recipient's lock (as the delivery on REGISTER does; failures get the store's
+        back-off). Offline or unreachable, they stay stored; a recipient that does not exist
+        (404, 403, ...) drops their copies."""
+        msg, inb, route = batch[-1]
         route = await self._route_for(msg, inb, route)
         if route.targets:
-            await self.deliverer.flush_user(out.user, route.targets, None, due_only=False)
+            await self.deliverer.flush_user(user, route.targets, None, due_only=False)
         elif route.nobody:
-            log.info("accepted message %d for %s dropped: not deliverable (%d)",
-                     out.stored_id, out.user, route.code)
-            self.counters["accepted_dropped"] += 1
-            await self.offline.discard(out.stored_id, out.user)
+            for _, dropped, _ in batch:
+                log.info("accepted message %d for %s dropped: not deliverable (%d)",
+                         dropped.out.stored_id, user, route.code)
+                self.counters["accepted_dropped"] += 1
+                await self.offline.discard(dropped.out.stored_id, user)
 
     async def _route_for(self, msg: Message, inb: Inbound, route: Route | None) -> Route:
         """``route`` when known already, else what :meth:`_known_route` or a call.route

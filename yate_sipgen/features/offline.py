@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..errors import DispatchCancelled, DispatchTimeout
-from ..store import AsyncStore, SQLiteMessageStore, owner_is_dead
+from ..store import AsyncStore, SQLiteMessageStore, StoreLimit, owner_is_dead
 from .delivery import CountGate, Deliverer, Outgoing, Route, Target
 from .registrations import Registrations
 
@@ -147,21 +147,20 @@ class OfflineStore:
         cfg = self.cfg
         if not self.keeps(out, media):
             return False
-        if await self.store.count(out.user) >= cfg["max_per_user"]:
-            self.counters["store_full"] += 1
-            log.warning("not storing for %s: %d stored messages is the per-user limit",
-                        out.user, cfg["max_per_user"])
-            return False
-        if await self.store.count() >= cfg["max_total"]:
-            self.counters["store_full"] += 1
-            log.warning("not storing for %s: the store is full (%d)", out.user,
-                        cfg["max_total"])
-            return False
         row = out.to_stored(out.received + cfg["expire"])
         row.next_try = time.time() + self.deliverer.retry_min
         try:
-            out.stored_id = await self.store.add(
-                row, self.deliverer.owner if lease_until else "", lease_until)
+            out.stored_id = await self.store.add_within(
+                row, cfg["max_per_user"], cfg["max_total"],
+                self.deliverer.owner if lease_until else "", lease_until)
+        except StoreLimit as e:
+            self.counters["store_full"] += 1
+            if e.scope == "per_user":
+                log.warning("not storing for %s: %d stored messages is the per-user limit",
+                            out.user, e.limit)
+            else:
+                log.warning("not storing for %s: the store is full (%d)", out.user, e.limit)
+            return False
         except Exception as e:
             log.error("storing a message for %s failed: %s", out.user, e)
             return False
