@@ -662,8 +662,9 @@ def test_a_busy_recipient_gets_every_message_once_in_order_and_no_answer_is_late
             assert y.bodies() == [f"m{i}" for i in range(30)]  # each once, in order
             st = await y.status()
             assert int(st.get("message.spilled", "0")) > 0  # stored at once, not at the deadline
+            # 0.15 s deliveries are slow: the overload guard (accept_above) takes some too
             assert int(st["message.spilled"]) + int(st.get("message.deadline", "0")) \
-                == codes.count("202")
+                + int(st.get("message.overload_accepted", "0")) == codes.count("202")
             assert_clean(y)
 
     run(scenario, timeout=40)
