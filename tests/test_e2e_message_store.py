@@ -412,6 +412,38 @@ def test_slow_delivery_is_stored_and_answered_202_before_yates_timeout_and_not_r
     run(scenario)
 
 
+def test_a_delivery_yate_never_answers_holds_the_recipients_queue_only_delivery_timeout(
+        tmp_path: Path) -> None:
+    """Yate 6.4.1 can lose the end of an xsip.generate wait=true (the phone's 200 came before
+    ysipchan attached its waiter to the transaction): the answer never comes. The message is
+    answered 202 at the deadline and kept; after delivery_timeout it counts as 408 (kept for
+    a retry) and the next message to that recipient goes, answered with its own outcome."""
+    async def scenario() -> None:
+        async with started(tmp_path, {"delivery_timeout": "1"}, general=DEADLINE) as y:
+            y.register_contact(BOB, BOB_URI)
+            never = asyncio.Event()
+
+            async def phone(m):
+                if m.get("xsip_body") == "lost":
+                    await never.wait()  # Yate never answers this one
+                return 200
+
+            y.xsip = phone
+            first = asyncio.ensure_future(y.message(xsip_body="lost"))
+            await y.wait_xsip(1)
+            t0 = time.monotonic()
+            second = await y.message(xsip_body="next")  # queued behind it (one pending)
+            assert second.get("code") == "200" and time.monotonic() - t0 < 2.0
+            assert (await first).get("code") == "202"  # the deadline's answer, stored
+            assert y.bodies() == ["lost", "next"]
+            (row_,) = db_rows(tmp_path)  # kept for a retry with back-off, not sent again
+            assert row_["body"] == b"lost" and row_["next_try"] > time.time() + 10
+            never.set()
+            assert_clean(y)
+
+    run(scenario)
+
+
 def test_slow_delivery_that_then_fails_leaves_the_stored_copy_for_register(
         tmp_path: Path) -> None:
     async def scenario() -> None:

@@ -145,9 +145,13 @@ key(S, "retry_max", "int", 3600, "Longest delay between retries, in seconds.", m
     maximum=86400)
 key(S, "scan_interval", "int", 15,
     "Seconds between scans for due retries and expired messages.", minimum=1, maximum=3600)
-key(S, "delivery_timeout", "int", 40,
+key(S, "delivery_timeout", "int", 15,
     "Seconds to wait for Yate's answer to one delivery (xsip.generate wait=true; an "
-    "unreachable UDP contact takes Yate about 7.5 s).", minimum=1, maximum=300)
+    "unreachable UDP contact takes Yate about 7.5 s). Past it the outcome counts as 408 (the "
+    "message is kept for a retry) and the recipient's next message goes. Yate 6.4.1 sometimes "
+    "never answers a delivery the phone took within a fraction of a millisecond (seen under "
+    "CPU load); this bounds how long that holds up the recipient's queue.",
+    minimum=1, maximum=300)
 key(S, "max_concurrent", "int", 200,
     "Deliveries waiting on Yate at once (each holds a Yate thread).", minimum=1, maximum=10000)
 key(S, "sender_rate", "float", 5.0,
