@@ -875,8 +875,8 @@ class MessageFeature:
     #: Messages waiting for one recipient before later ones are stored at once (202). Each
     #: holds a Yate thread that Yate keeps waking (see accept_above): with 200, one recipient
     #: sent 500/s on a real Yate (2 cores, about 250/s one phone takes) got 365-406 of 5000
-    #: delivered in a 10 s run, Yate at 154 % CPU; with 20, 1949-2175 (the rest stored, then
-    #: 480 at max_per_user), Yate at 76-82 %, and 250/s still all 200.
+    #: delivered in a 10 s run, Yate at 154 % CPU; with 20, 1949-2353 (the rest stored, then
+    #: 480 at max_per_user), Yate at 72-82 %, and 250/s still all 200.
     MAX_QUEUE = 20
 
     #: How often live deliveries are checked against their answer deadlines (seconds).
