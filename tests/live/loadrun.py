@@ -41,7 +41,7 @@ Yate worker settings (yate.conf ``[general]``, read in engine/Engine.cpp):
     one message-dispatching thread and, once a second, adds ``addworkers`` more when none of
     them came back to the queue in the last second.
 ``tuned``
-    ``minworkers=20``, ``maxworkers=200``.
+    ``minworkers=20``, ``maxworkers=250`` (examples/yate.conf).
 ``fast``
     ``tuned`` plus ``idlemsec=1`` (what ``--check`` prints and examples/yate.conf sets):
     Yate's polling interval, 5 ms by default, which a waiting ``xsip.generate``, the SIP
@@ -93,10 +93,10 @@ SETUPS = ("recipe", "sipgen")
 #: minworkers..1000, "addworkers" 1..10).
 WORKERS: dict[str, dict[str, str]] = {
     "default": {},
-    "tuned": {"minworkers": "20", "maxworkers": "200"},
+    "tuned": {"minworkers": "20", "maxworkers": "250"},
     # and Yate's polling interval at its minimum (Thread::idleMsec, default 5 ms): a waiting
     # xsip.generate, the SIP endpoint's event loop and extmodule all poll at this interval
-    "fast": {"minworkers": "20", "maxworkers": "200", "idlemsec": "1"},
+    "fast": {"minworkers": "20", "maxworkers": "250", "idlemsec": "1"},
 }
 
 #: Yate's regexroute MESSAGE recipe: the rule lines of examples/regexroute-replaced.conf,
