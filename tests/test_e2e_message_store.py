@@ -438,6 +438,7 @@ def test_a_delivery_yate_never_answers_holds_the_recipients_queue_only_delivery_
             assert y.bodies() == ["lost", "next"]
             (row_,) = db_rows(tmp_path)  # kept for a retry with back-off, not sent again
             assert row_["body"] == b"lost" and row_["next_try"] > time.time() + 10
+            assert any("did not answer a delivery" in t for _, t in y.fy.debug_lines)
             never.set()
             assert_clean(y)
 

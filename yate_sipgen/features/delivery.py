@@ -380,7 +380,7 @@ class Deliverer:
                 return 404
             return await self._msg_execute(out, target)
         except (DispatchTimeout, DispatchCancelled) as e:
-            return unanswered_code(e)
+            return self.unanswered(e)
         except LocalProtocolError as e:  # too big for Yate's line, NUL in a value, ...
             return self.cannot_send(out, target, e)
         finally:
@@ -391,9 +391,20 @@ class Deliverer:
         """The SIP code of one ``xsip.generate`` sent at ``started``: its answer, or 408 when
         Yate did not answer in time, 0 when the connection went (``exc``)."""
         if exc is not None:
-            return unanswered_code(exc)
+            return self.unanswered(exc)
         self.delivery_time += (self.engine.now() - started - self.delivery_time) * 0.2
         return _code_of(answer)  # type: ignore[arg-type]
+
+    def unanswered(self, exc: BaseException) -> int:
+        """:func:`unanswered_code`, and a warning when Yate let a delivery pass
+        ``delivery_timeout``: Yate gives up on a UDP phone itself after 7.5 s by default, so
+        this is usually ysipchan losing the phone's answer (a race in Yate 6.4.1's
+        xsip.generate), which also keeps one Yate engine worker busy until Yate restarts."""
+        if isinstance(exc, DispatchTimeout):
+            log.warning("Yate did not answer a delivery (xsip.generate) within %g s; if this "
+                        "repeats, its engine workers are being used up (see delivery_timeout "
+                        "in the README)", self.delivery_timeout)
+        return unanswered_code(exc)
 
     @staticmethod
     def cannot_send(out: Outgoing, target: Target, e: LocalProtocolError) -> int:
