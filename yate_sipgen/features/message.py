@@ -733,7 +733,7 @@ class MessageFeature:
         if code != SPILL:
             return code
         state.spilling = True  # the deadline watch must not store it twice
-        if await self.offline.add(out, inb.media):
+        if await self.offline.add(out, inb.media, why="the recipient's queue is too long"):
             self.counters["spilled"] += 1
             self._answer(msg, 202)
         else:
@@ -912,7 +912,8 @@ class MessageFeature:
                                  state: "_LiveState") -> None:
         self.counters["deadline"] += 1
         lease_until = time.time() + self.deliverer.lease
-        stored = await self.offline.add(out, media, lease_until=lease_until)
+        stored = await self.offline.add(out, media, lease_until=lease_until,
+                                        why="still being delivered at the answer deadline")
         if stored:
             state.stored_id = out.stored_id
             self._answer(msg, 202)
