@@ -681,13 +681,10 @@ class AsyncStore:
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):
             raise AttributeError(name)
-        submit = self._w.submit
+        submit = self._submit
 
         async def call(*args: Any, **kw: Any) -> Any:
-            loop = asyncio.get_running_loop()
-            fut = loop.create_future()
-            submit(_Call(name, args, kw, fut, loop))
-            return await fut
+            return await submit(name, args, kw)
 
         call.__name__ = call.__qualname__ = name
         self.__dict__[name] = call  # found at once next time
@@ -698,10 +695,16 @@ class AsyncStore:
         call would (after the commit that holds it). Calls made later still run after it, in
         order, so a later read sees its write. For writes nobody needs to wait for (the
         delete after a delivery); a failure is logged here, whether or not anyone looks."""
+        fut = self._submit(name, args, {})
+        fut.add_done_callback(_log_posted_failure)
+        return fut
+
+    def _submit(self, name: str, args: tuple[Any, ...], kw: dict[str, Any]
+                ) -> "asyncio.Future[Any]":
+        """Hand one call to the thread (in this tick's batch); its future, not yet waited."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._w.submit(_Call(name, args, {}, fut, loop))
-        fut.add_done_callback(_log_posted_failure)
+        self._w.submit(_Call(name, args, kw, fut, loop))
         return fut
 
     def close(self) -> None:

@@ -396,15 +396,20 @@ class Deliverer:
         return _code_of(answer)  # type: ignore[arg-type]
 
     def unanswered(self, exc: BaseException) -> int:
-        """:func:`unanswered_code`, and a warning when Yate let a delivery pass
-        ``delivery_timeout``: Yate gives up on a UDP phone itself after 7.5 s by default, so
-        this is usually ysipchan losing the phone's answer (a race in Yate 6.4.1's
+        """What a send Yate did not answer counts as: 408 when it did not answer within
+        ``delivery_timeout``, 0 when the connection went (anything else is re-raised).
+
+        The 408 is logged as a warning: Yate gives up on a UDP phone itself after 7.5 s by
+        default, so this is usually ysipchan losing the phone's answer (a race in Yate 6.4.1's
         xsip.generate), which also keeps one Yate engine worker busy until Yate restarts."""
         if isinstance(exc, DispatchTimeout):
             log.warning("Yate did not answer a delivery (xsip.generate) within %g s; if this "
                         "repeats, its engine workers are being used up (see delivery_timeout "
                         "in the README)", self.delivery_timeout)
-        return unanswered_code(exc)
+            return 408
+        if isinstance(exc, DispatchCancelled):
+            return 0
+        raise exc
 
     @staticmethod
     def cannot_send(out: Outgoing, target: Target, e: LocalProtocolError) -> int:
@@ -532,16 +537,6 @@ class Deliverer:
                 log.info("stored message %d for %s not delivered (%d); retry in %ds",
                          row.id, user, code, int(self.backoff(attempts)))
                 return False
-
-
-def unanswered_code(exc: BaseException) -> int:
-    """What a send Yate did not answer counts as: 408 when it did not answer in time, 0 when
-    the connection went (anything else is re-raised)."""
-    if isinstance(exc, DispatchTimeout):
-        return 408
-    if isinstance(exc, DispatchCancelled):
-        return 0
-    raise exc
 
 
 def _code_of(answer: Message) -> int:
