@@ -421,14 +421,7 @@ def test_a_delivery_yate_never_answers_holds_the_recipients_queue_only_delivery_
     async def scenario() -> None:
         async with started(tmp_path, {"delivery_timeout": "1"}, general=DEADLINE) as y:
             y.register_contact(BOB, BOB_URI)
-            never = asyncio.Event()
-
-            async def phone(m):
-                if m.get("xsip_body") == "lost":
-                    await never.wait()  # Yate never answers this one
-                return 200
-
-            y.xsip = phone
+            never = y.hold_xsip(body="lost")  # Yate never answers this one
             first = asyncio.ensure_future(y.message(xsip_body="lost"))
             await y.wait_xsip(1)
             t0 = time.monotonic()
