@@ -44,7 +44,7 @@ def test_messages_of_one_conversation_share_the_derived_headers_not_the_per_mess
         "alice@example.com")
     assert (a.out.body, b.out.body) == ("first", "second")
     assert a.out.call_id != b.out.call_id and a.out.from_tag != b.out.from_tag
-    assert (a.out.antiloop, a.authenticated, a.media) == (19, True, "text/plain")
+    assert (a.out.antiloop, a.parties.authenticated, a.parties.media) == (19, True, "text/plain")
 
 
 @pytest.mark.parametrize("change", [{"username": "mallory"}, {"in_line": "gw"},
@@ -70,7 +70,7 @@ def test_a_refusal_is_never_kept_and_a_later_good_request_passes():
     with pytest.raises(Refusal) as e:
         f._inbound(request(username="mallory"), 20)  # From user is not the username
     assert e.value.code == 403 and not f._parties
-    assert f._inbound(request(), 20).sender_user == "alice"
+    assert f._inbound(request(), 20).parties.sender_user == "alice"
 
 
 @pytest.mark.parametrize("params, hops, code", [

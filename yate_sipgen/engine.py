@@ -120,11 +120,14 @@ class Job:
     def start(self) -> "Job":
         """Register as ``msg``'s running work, then run :meth:`run` (failures handled)."""
         self.engine._job_begin(self)
-        self._go(self._run_first, None, None)
+        self.engine.runq.run(self._run_first)
         return self
 
-    def _run_first(self, _answer: Any, _exc: BaseException | None) -> None:
-        self.run()
+    def _run_first(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # noqa: BLE001 - a bug in the job: the message still gets answered
+            self.engine._job_failed(self, e)
 
     def run(self) -> None:
         """The first step (override)."""
@@ -136,6 +139,13 @@ class Job:
         ``then(None, exc)`` with :class:`DispatchTimeout` / :class:`DispatchCancelled`.
         Raises as :meth:`Engine.dispatch` does when the message cannot be sent."""
         self._pending = self.engine._dispatch_then(msg, self, then, timeout)
+
+    def wait_wire(self, name: str, wire: str,
+                  then: Callable[[Message | None, BaseException | None], None],
+                  timeout: float | None = None) -> None:
+        """:meth:`wait` for the message ``name`` given by its escaped params (``:k=v...``,
+        as :meth:`Message.wire_params` gives them), without building a Message."""
+        self._pending = self.engine._dispatch_then(None, self, then, timeout, name, wire)
 
     def wait_for(self, waiter: Waiter, then: Callable[[None, BaseException | None], None]
                  ) -> None:
@@ -541,16 +551,24 @@ class Engine:
         job.cancel()  # releases what it holds, unless it had ended already
         self._fail(msg, 500)  # (nothing when it was answered)
 
-    def _dispatch_then(self, msg: Message, job: Job, then: Any, timeout: float | None) -> _Then:
+    def _dispatch_then(self, msg: Message | None, job: Job, then: Any, timeout: float | None,
+                       name: str = "", wire: str = "") -> _Then:
+        """Dispatch ``msg`` (or, when None, the message ``name`` with the escaped params
+        ``wire``) and keep ``job`` waiting for the answer."""
         s = self.session
         if s is None:
             raise DispatchCancelled("not connected to Yate")
-        mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
+        # raises before anything is kept when Yate would refuse it
+        if msg is None:
+            mid = s.dispatch_wire(name, wire)
+        else:
+            mid = s.dispatch(msg)
+            name = msg.name
         t = _Then()
         t.job = job
         t.then = then
         t._done = False
-        self._keep_pending(t, mid, s, msg.name, timeout)
+        self._keep_pending(t, mid, s, name, timeout)
         return t
 
     def _keep_pending(self, pending: Any, mid: str, s: Session, what: str,

@@ -408,16 +408,13 @@ class Message:
         prefixes = (prefix,) if type(prefix) is str else prefix
         line = self._line
         if line is not None:
-            raw = self._indexed()
-            if raw is False:
-                start = self._pstart
-                if any(line.find(":" + pre, start) >= 0 for pre in prefixes):
+            # Every ':' of the line starts a param (one in a value is escaped), and a plain
+            # prefix reads the same escaped: ":prefix" found is exactly a name that starts so.
+            # (A deleted param stays on the line: it is in changes, and those are not asked.)
+            start = self._pstart
+            for pre in prefixes:
+                if line.find(":" + pre, start) >= 0:
                     return True
-            else:  # the names only (a third of the line): one search each, exact on a hit
-                names = ":".join(raw)  # type: ignore[arg-type]
-                for pre in prefixes:
-                    if pre in names and any(k.startswith(prefixes) for k in raw):
-                        return True
             changes = self.changes
             return changes is not None and any(
                 k.startswith(prefixes) for k, v in changes.items() if v is not None)

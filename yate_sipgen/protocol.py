@@ -87,6 +87,14 @@ def escape(text: str) -> str:
     return _SPECIAL.sub(_esc_repl, text)
 
 
+def _escaped_word(text: str) -> str:
+    """:func:`escape` for a word that seldom needs it (a message name, our ids): no call
+    into the escaper for a plain one."""
+    if ":" in text or "%" in text or not text.isprintable():
+        return escape(text)
+    return text
+
+
 _CTRL_BYTES = bytes(range(0x20))
 _CTRL_NONNUL_B = re.compile(b"[\x01-\x1f]")
 _ESC_OUT_B = {bytes([c]): b"%" + bytes([c + 0x40]) for c in range(1, 0x20)}
@@ -716,16 +724,7 @@ class Encoder:
         fwd = msg.forwarded
         wire = msg.unchanged_wire()
         if wire is not None:  # params already in wire form (from Yate, or built so)
-            try:
-                retval = msg.retval
-                data = "".join(("%%>message:", escape(id), ":", stamp, ":", escape(msg.name),
-                                ":", escape(retval) if retval else "", wire + fwd or ":",
-                                "\n")).encode(ENCODING, ERRORS)
-            except UnicodeEncodeError as e:
-                raise LocalProtocolError(f"text cannot be encoded: {e}") from None
-            if len(data) > self.max_line + 1:
-                raise LineTooLong(len(data) - 1, self.max_line, f"message {msg.name}")
-            return data
+            return self.message_wire(msg.name, wire + fwd, id, stamp, msg.retval)
         # Only the first value of each name: Yate keeps one param per name from a script's
         # message ("d=1:d=2" becomes d=2), and msg[k] is the first value on our side.
         params = msg.params
@@ -745,6 +744,20 @@ class Encoder:
             data = b"".join((b"%%>message:", body, b"\n"))
         if len(data) > self.max_line + 1:
             raise LineTooLong(len(data) - 1, self.max_line, f"message {msg.name}")
+        return data
+
+    def message_wire(self, name: str, wire: str, id: str, stamp: str = "0",
+                     retval: str = "") -> bytes:
+        """``%%>message`` whose params are given already escaped (``:k=v...``, as
+        :meth:`Message.wire_params` gives them; ``wire`` must follow Yate's escaping)."""
+        try:
+            data = "".join(("%%>message:", _escaped_word(id), ":", stamp, ":",
+                            _escaped_word(name), ":", escape(retval) if retval else "",
+                            wire or ":", "\n")).encode(ENCODING, ERRORS)
+        except UnicodeEncodeError as e:
+            raise LocalProtocolError(f"text cannot be encoded: {e}") from None
+        if len(data) > self.max_line + 1:
+            raise LineTooLong(len(data) - 1, self.max_line, f"message {name}")
         return data
 
     def answer(self, id: str, handled: bool, name: str, retval: str,

@@ -150,6 +150,15 @@ class Session:
         self._out.append(self.encoder.message(msg, ""))
         return ""
 
+    def dispatch_wire(self, name: str, wire: str) -> str:
+        """:meth:`dispatch` of the message ``name`` whose params are given already escaped
+        (``:k=v...``; see :meth:`Encoder.message_wire`), without a Message; returns its id."""
+        self._seq += 1
+        mid = self._prefix + str(self._seq)
+        self._out.append(self.encoder.message_wire(name, wire, mid))
+        self.outgoing.add(mid)
+        return mid
+
     def forget(self, mid: str) -> None:
         """Stop waiting for ``mid`` (our dispatch timed out); a late answer is then ignored."""
         self.outgoing.discard(mid)

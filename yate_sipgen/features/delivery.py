@@ -43,6 +43,18 @@ _CALLTO_N = re.compile(r"callto\.(\d+)")
 _ROUTE_OWN = frozenset(("route_type", "called", "called_domain"))
 
 
+_wire_date_cache: tuple[int, str] = (-1, "")
+
+
+def wire_date(epoch: float) -> str:
+    """:func:`~yate_sipgen.sip.http_date` escaped for Yate's wire; cached per second."""
+    global _wire_date_cache
+    sec = int(epoch)
+    if _wire_date_cache[0] != sec:
+        _wire_date_cache = (sec, escape(http_date(sec)))
+    return _wire_date_cache[1]
+
+
 def _loop_future() -> asyncio.Future[None]:
     return asyncio.get_running_loop().create_future()
 
@@ -120,6 +132,13 @@ class CountGate:
         """Would :meth:`enter` let one in at once?"""
         return self.active < self.limit and not self._waiters
 
+    def try_enter(self) -> bool:
+        """:meth:`enter` when that lets one in at once (True); else nothing (False)."""
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return True
+        return False
+
     def enter(self) -> asyncio.Future[None] | None:
         if self.active < self.limit and not self._waiters:
             self.active += 1
@@ -156,6 +175,8 @@ class Target:
 
     callto: str
     connection_id: str = ""
+    #: The ``sip/`` URI escaped for Yate's wire, once it was needed (callto never changes).
+    wire_uri: str = field(default="", compare=False, repr=False)
 
     @property
     def is_sip(self) -> bool:
@@ -419,21 +440,30 @@ class Deliverer:
 
     @staticmethod
     def xsip_message(out: Outgoing, target: Target) -> Message:
-        """The ``xsip.generate`` (``wait=true``) that sends ``out`` to a ``sip/`` target.
+        """The ``xsip.generate`` (``wait=true``) that sends ``out`` to a ``sip/`` target
+        (its params: :meth:`xsip_wire`)."""
+        return Message.from_wire_params("xsip.generate", Deliverer.xsip_wire(out, target))
 
-        Its params are built in wire form: the escaped headers and body ``out`` carries are
-        used as they are.
-        """
+    @staticmethod
+    def xsip_wire(out: Outgoing, target: Target) -> str:
+        """The params of :meth:`xsip_message`, escaped for Yate's wire: the escaped headers
+        and body ``out`` carries are used as they are."""
         hdrs = out.wire_headers
         if hdrs is None:
             hdrs = (escape(out.from_hdr), escape(out.to_hdr), escape(out.content_type))
         body = out.wire_body
         if body is None:
             body = escape(out.body)
-        wire = [":method=MESSAGE:uri=", escape(target.callto[4:]), ":wait=true:antiloop=",
-                str(out.antiloop), ":sip_From=", hdrs[0], ";tag=", escape(out.from_tag),
-                ":sip_To=", hdrs[1], ":sip_Call-ID=", escape(out.call_id),
-                ":sip_CSeq=1 MESSAGE:sip_Date=", escape(http_date(out.received)),
+        uri = target.wire_uri
+        if not uri:
+            uri = target.wire_uri = escape(target.callto[4:])
+        tag = out.from_tag
+        call_id = out.call_id
+        wire = [":method=MESSAGE:uri=", uri, ":wait=true:antiloop=",
+                str(out.antiloop), ":sip_From=", hdrs[0], ";tag=",
+                tag if tag.isalnum() else escape(tag), ":sip_To=", hdrs[1], ":sip_Call-ID=",
+                escape(call_id) if ":" in call_id or "%" in call_id or not call_id.isprintable()
+                else call_id, ":sip_CSeq=1 MESSAGE:sip_Date=", wire_date(out.received),
                 ":xsip_type=", hdrs[2], ":xsip_body=", body]
         if out.body_encoding:
             wire += (":xsip_body_encoding=", escape(out.body_encoding))
@@ -444,7 +474,7 @@ class Deliverer:
             wire += (":connection_id=", escape(target.connection_id))
         if out.auto:
             wire.append(":sip_Auto-Submitted=auto-generated")
-        return Message.from_wire_params("xsip.generate", "".join(wire))
+        return "".join(wire)
 
     async def _msg_execute(self, out: Outgoing, target: Target) -> int:
         m = Message("msg.execute", {

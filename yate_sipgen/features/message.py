@@ -205,19 +205,15 @@ def _check_message(cfg: config_mod.Config) -> list[str]:
 CONFIG.checks.append(_check_message)
 
 
-@dataclass(slots=True)
 class Inbound:
-    """What we take from one incoming MESSAGE."""
+    """One incoming MESSAGE: what goes out (``out``) and who sends to whom (``parties``, the
+    checks and headers every message of that conversation shares)."""
 
-    out: Outgoing
-    rcpt_user: str
-    rcpt_host: str
-    sender_user: str
-    sender_host: str
-    authenticated: bool
-    foreign: bool  # Request-URI host is not ours
-    media: str
-    route_wire: str  # our call.route's own params, escaped (Deliverer.route_wire)
+    __slots__ = ("out", "parties")
+
+    def __init__(self, out: Outgoing, parties: "Parties") -> None:
+        self.out = out
+        self.parties = parties
 
 
 class MessageFeature:
@@ -236,7 +232,7 @@ class MessageFeature:
         self._live = 0
         self._deadlines: dict[int, tuple[float, Message, Outgoing, str, _LiveState]] = {}
         self._deadline_tick: asyncio.TimerHandle | None = None
-        self._parties: dict[tuple[str, ...], _Parties] = {}
+        self._parties: dict[tuple[str, ...], Parties] = {}
         #: recipient -> accepted messages waiting for the drain that runs for them
         self._accepted: dict[str, list[tuple[Message, Inbound, Route | None]]] = {}
         self.state_dir = ""
@@ -408,29 +404,40 @@ class MessageFeature:
         cfg = self.cfg
         if cfg["mode"] == "lateroute":
             return self._lateroute(msg)
-        hops = _hops(msg)
+        # A request as Yate sent it (the usual): read straight from the line's index, in
+        # wire form; a value is unescaped only where it may differ ('%' in it).
+        raw = msg.wire_values()
+        if raw is None:
+            raw = {}  # changed by a handler before us: every read through msg
+        a = raw.get("antiloop")
+        hops = int(a) if a is not None and a.isdecimal() else _hops(msg)
         if hops <= 0:
             return self._reject(msg, 483, "antiloop exhausted")
-        if "id" in msg:
+        if "id" in raw or (not raw and "id" in msg):
             return self.engine.run_flow(msg, self._in_call(msg, hops))
-        if header_param(msg.get("sip_to", ""), "tag"):
+        to = raw.get("sip_to") if raw else msg.get("sip_to")
+        if to and ";" in to and header_param(msg.get("sip_to") or "", "tag"):
             return self._reject(msg, 481, "To tag of no known dialog")
         try:
-            inb = self._inbound(msg, hops)
+            inb = self._inbound(msg, hops, raw)
         except Refusal as e:
             return self._refuse(msg, e)
-        log.info("Got SIP MESSAGE from %s to %s (%s, %d bytes)", inb.out.sender, inb.out.user,
-                 inb.out.content_type, len(inb.out.body))
+        out = inb.out
+        log.info("Got SIP MESSAGE from %s to %s (%s, %d bytes)", out.sender, out.user,
+                 out.content_type, len(out.body))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("MESSAGE body for %s: %s", inb.out.user, inb.out.body)
+            log.debug("MESSAGE body for %s: %s", out.user, out.body)
         return self._relay(msg, inb, None)
 
-    def _inbound(self, msg: Message, hops: int) -> Inbound:
-        """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse."""
+    def _inbound(self, msg: Message, hops: int, raw: "dict[str, str] | None" = None
+                 ) -> Inbound:
+        """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse.
+        ``raw``: the message's line index (:meth:`Message.wire_values`), when it has one."""
         # who sends to whom: the same for every message between two parties (a conversation);
         # the key is read in wire form, straight from the line's index when it is untouched
-        raw = msg.wire_values()
-        wget = raw.get if raw is not None else msg.wire
+        if not raw:
+            raw = msg.wire_values()
+        wget = raw.get if raw else msg.wire
         frm_text = wget("sip_from") or ""
         cut = frm_text.rfind(";tag=")
         if cut > 0 and frm_text[cut - 1] == ">":  # the tag alone differs between messages
@@ -441,9 +448,14 @@ class MessageFeature:
                wget("in_line") or "", wget("caller") or "", wget("callername") or "",
                wget("xsip_type") or "", wget("sip_content-type") or "",
                wget("sip_auto-submitted") or "")
-        get = msg.get
         parties = self._parties.get(key)
-        body = get("xsip_body") or ""
+        wire_body = wget("xsip_body")
+        if wire_body is None:
+            body = ""
+        elif "%" in wire_body:
+            body = msg.get("xsip_body") or ""
+        else:
+            body = wire_body
         if parties is None:
             try:
                 parties = self._parties_of(msg)
@@ -455,17 +467,17 @@ class MessageFeature:
                 self._parties.clear()
             self._parties[key] = parties
         extra = self._body_extra(msg, body)
-        if hops - 1 <= 0:
+        if hops <= 1:
             raise Refusal(483, "no hop left to forward")
+        encoding = wget("xsip_body_encoding")
+        if encoding and "%" in encoding:
+            encoding = msg.get("xsip_body_encoding")
         out = Outgoing(parties.user, parties.sender, parties.from_hdr, parties.to_hdr,
-                       parties.content_type, body, get("xsip_body_encoding") or "", extra,
-                       new_call_id(), new_tag(), time.time(), hops - 1 if hops > 1 else 1,
-                       parties.sender_user, parties.rcpt_user,
-                       notify_sender=parties.notify_sender, wire_body=msg.wire("xsip_body"),
-                       wire_headers=parties.wire_headers)
-        return Inbound(out, parties.rcpt_user, parties.rcpt_host, parties.sender_user,
-                       parties.sender_host, parties.authenticated, parties.foreign,
-                       parties.media, parties.route_wire)
+                       parties.content_type, body, encoding or "", extra,
+                       new_call_id(), new_tag(), time.time(), hops - 1,
+                       parties.sender_user, parties.rcpt_user, False, parties.notify_sender,
+                       0, 0, wire_body, parties.wire_headers)
+        return Inbound(out, parties)
 
     def _body_extra(self, msg: Message, body: str) -> dict[str, str]:
         """The other body parts and body headers (multipart, Content-Disposition), checked
@@ -483,7 +495,7 @@ class MessageFeature:
     #: Sender/recipient pairs whose checked headers are kept (cleared when full or reloaded).
     PARTIES_CACHE = 4096
 
-    def _parties_of(self, msg: Message) -> "_Parties":
+    def _parties_of(self, msg: Message) -> "Parties":
         """The checks and headers that depend only on who sends to whom (the params of
         :meth:`_inbound`'s cache key); raises :class:`Refusal`."""
         cfg = self.cfg
@@ -519,7 +531,7 @@ class MessageFeature:
         route_wire = Deliverer.route_wire(rcpt_user, ruri.host, {
             "caller": sender_user, "domain": frm.uri.host, "module": "sipgen",
             "xsip_type": ctype_full})
-        return _Parties(self.user_key(rcpt_user, ruri.host), f"{sender_user}@{frm.uri.host}",
+        return Parties(self.user_key(rcpt_user, ruri.host), f"{sender_user}@{frm.uri.host}",
                         from_hdr, to_hdr, ctype_full, media, rcpt_user, ruri.host,
                         sender_user, frm.uri.host, sender.authenticated, foreign,
                         self._may_notify(msg, frm, media, sender.vouched), route_wire,
@@ -575,9 +587,9 @@ class MessageFeature:
     def _route_message(self, inb: Inbound, msg: Message) -> Message:
         """Our call.route for ``inb`` (``msg``: the sender's message, whose routing params
         are forwarded)."""
-        return self.deliverer.route_message(inb.rcpt_user, inb.rcpt_host, {},
+        return self.deliverer.route_message(inb.parties.rcpt_user, inb.parties.rcpt_host, {},
                                             forwarded=msg.wire_params(self.ROUTE_PARAMS),
-                                            wire=inb.route_wire)
+                                            wire=inb.parties.route_wire)
 
     def _route_budget(self, msg: Message) -> float:
         """Seconds Yate's routing may take: what is left before the answer deadline (less
@@ -593,7 +605,7 @@ class MessageFeature:
             return True
         cfg = self.cfg
         if cfg["mode"] == "accept":
-            if self.offline.keeps(inb.out, inb.media):  # (right after a start: once open)
+            if self.offline.keeps(inb.out, inb.parties.media):  # (right after a start: once open)
                 return self.engine.run_flow(msg, self._accept(msg, inb, route))
             # a typing notice, an automatic message, no store: nothing to keep it in, so
             # this 202 is best effort (a kill during the delivery loses it)
@@ -602,7 +614,7 @@ class MessageFeature:
             self.counters["accepted"] += 1
         elif (self._live >= cfg["accept_above"] > 0
               and self.deliverer.delivery_time >= cfg["_slow_delivery"]
-              and self.offline.keeps(inb.out, inb.media)):
+              and self.offline.keeps(inb.out, inb.parties.media)):
             # overload: stop adding Yate threads that wait on us (one never stored still does).
             # Slow deliveries tell it from one busy recipient's queue, which the spill handles
             # (a queue diverted to the store would drain slower than the live relay)
@@ -619,7 +631,7 @@ class MessageFeature:
         that is not kept."""
         out = inb.out
         if not await self.offline.add(
-                out, inb.media, counter="overload_accepted" if overload else "accepted",
+                out, inb.parties.media, counter="overload_accepted" if overload else "accepted",
                 why=(f"accepted: {self._live} deliveries in progress" if overload
                      else "accepted (mode=accept)")):
             route = await self._route_for(msg, inb, route)
@@ -689,8 +701,8 @@ class MessageFeature:
     def _known_route(self, inb: Inbound) -> Route | None:
         """The route when no call.route is needed: a foreign host (relay_foreign) or, with
         routing=registrations, the one contact we saw the user register."""
-        if inb.foreign:  # relay_foreign: straight to the Request-URI
-            return Route([Target("sip/" + f"sip:{inb.rcpt_user}@{inb.rcpt_host}")])
+        if inb.parties.foreign:  # relay_foreign: straight to the Request-URI
+            return Route([Target("sip/" + f"sip:{inb.parties.rcpt_user}@{inb.parties.rcpt_host}")])
         if self.cfg["routing"] == "registrations":
             target = self.registrations.target(inb.out.user)
             if target is not None:
@@ -701,7 +713,7 @@ class MessageFeature:
         """A live delivery starts: counted, and watched against the answer deadline."""
         state = _LiveState()
         if not msg.answered:
-            self._watch_deadline(id(state), msg, inb.out, inb.media, state)
+            self._watch_deadline(id(state), msg, inb.out, inb.parties.media, state)
         self._live += 1
         return state
 
@@ -729,11 +741,11 @@ class MessageFeature:
         if not route.targets:
             return 0 if route.offline and route.code == 480 else route.code
         out = inb.out
-        code = await self._deliver_live(msg, out, route.targets, state, inb.media)
+        code = await self._deliver_live(msg, out, route.targets, state, inb.parties.media)
         if code != SPILL:
             return code
         state.spilling = True  # the deadline watch must not store it twice
-        if await self.offline.add(out, inb.media, why="the recipient's queue is too long"):
+        if await self.offline.add(out, inb.parties.media, why="the recipient's queue is too long"):
             self.counters["spilled"] += 1
             self._answer(msg, 202)
         else:
@@ -756,7 +768,7 @@ class MessageFeature:
         if 200 <= code < 300:
             return self._delivered(msg, code)
         if code == -1 or code in STORE_WORTHY or route.offline:
-            if await self.offline.add(out, inb.media):
+            if await self.offline.add(out, inb.parties.media):
                 return self._answer(msg, 202)
         return self._answer(msg, self._failure_code(code, route))
 
@@ -1016,7 +1028,7 @@ class MessageFeature:
         return self._relay(msg, inb, Route([target]))
 
     async def _store_now(self, msg: Message, inb: Inbound) -> bool:
-        stored = await self.offline.add(inb.out, inb.media)
+        stored = await self.offline.add(inb.out, inb.parties.media)
         return self._answer(msg, 202 if stored else 480)
 
     def on_route_offline(self, msg: Message) -> bool:
@@ -1054,7 +1066,7 @@ class MessageFeature:
 
 
 @dataclass(slots=True, frozen=True)
-class _Parties:
+class Parties:
     """What :meth:`MessageFeature._inbound` derives from who sends to whom (cached)."""
 
     user: str  # recipient key user@domain

@@ -70,11 +70,14 @@ class RelayJob(Job):
         inb = self.inb
         out = inb.out
         state: Any = self.state
-        if not f._sends_itself(route, state) or f._must_spill(self.msg, out, inb.media):
+        d = f.deliverer
+        users = d.users
+        if not f._sends_itself(route, state) or (
+                users.locked(out.user) and f._must_spill(self.msg, out, inb.parties.media)):
             self._hand_over(f._after_lookup(self.msg, inb, route, state))
             return
-        self.had_backlog = out.user in f.deliverer.backlog  # stored before we came
-        waiter = f.deliverer.users.enter(out.user)
+        self.had_backlog = out.user in d.backlog  # stored before we came
+        waiter = users.enter(out.user)
         if waiter is None:
             self._locked()
         else:  # behind another delivery to this user (RFC 3428 §8): in FIFO order
@@ -95,17 +98,18 @@ class RelayJob(Job):
         out = self.inb.out
         state: Any = self.state
         d = f.deliverer
-        if f._backlog_first(out.user, state, self.had_backlog) or not d.slots.free():
+        if ((out.user in d.backlog and f._backlog_first(out.user, state, self.had_backlog))
+                or not d.slots.try_enter()):  # a delivery slot, taken at once when free
             self.locked = False  # the coroutine holds it now, and gives it up
             self._hand_over(f._after_lock(self.msg, self.inb, self.route, state,
                                           self.had_backlog))
             return
-        d.slots.enter()  # free: taken at once
         self.sending = True
         target = self.route.targets[0]  # type: ignore[union-attr]
         self.started = self.engine.now()
         try:
-            self.wait(d.xsip_message(out, target), self._on_sent, d.delivery_timeout)
+            self.wait_wire("xsip.generate", d.xsip_wire(out, target), self._on_sent,
+                           d.delivery_timeout)
         except LocalProtocolError as e:  # too big for Yate's line, ...
             self._sent(d.cannot_send(out, target, e))
         except DispatchCancelled:
