@@ -79,7 +79,9 @@ class _Then:
     def set_result(self, value: Any) -> None:
         if not self._done:
             self._done = True
-            self.job._go(self.then, value, None)
+            job = self.job
+            job._pending = None
+            job.engine.runq.run(job._call, self.then, value, None)  # Job._go, inline
 
     def set_exception(self, exc: BaseException) -> None:
         if not self._done:

@@ -59,6 +59,17 @@ _new = object.__new__
 _NEEDLES: dict[str, str] = {}
 
 
+#: prefixes -> the ":prefix" each is searched for as (see Message.has_prefix); from code.
+_PREFIX_NEEDLES: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _prefix_needles(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    if len(_PREFIX_NEEDLES) > 256:
+        _PREFIX_NEEDLES.clear()
+    needles = _PREFIX_NEEDLES[prefixes] = tuple(":" + p for p in prefixes)
+    return needles
+
+
 def _needle(key: str) -> str | None:
     if type(key) is not str or "=" in key or escape(key) != key:
         return None
@@ -411,9 +422,12 @@ class Message:
             # Every ':' of the line starts a param (one in a value is escaped), and a plain
             # prefix reads the same escaped: ":prefix" found is exactly a name that starts so.
             # (A deleted param stays on the line: it is in changes, and those are not asked.)
+            needles = _PREFIX_NEEDLES.get(prefixes)
+            if needles is None:
+                needles = _prefix_needles(prefixes)
             start = self._pstart
-            for pre in prefixes:
-                if line.find(":" + pre, start) >= 0:
+            for needle in needles:
+                if line.find(needle, start) >= 0:
                     return True
             changes = self.changes
             return changes is not None and any(

@@ -515,7 +515,9 @@ def _msg_line(line: str, answer: bool) -> FromYate:
     if "%" in retval:
         retval = unescape(retval)
     if answer:
-        handled = parse_bool(second)
+        # (what Yate writes: "true" or "false"; any other word of toBoolean's, the long way)
+        handled = True if second == "true" else False if second == "false" else parse_bool(
+            second)
         if handled is None:
             raise RemoteProtocolError(f"bad boolean {second!r}", line)
         msg = _lazy_message(name, retval, line, pstart, mid, 0, False)
@@ -768,6 +770,15 @@ class Encoder:
         """
         if not id or ":" in id or _CTRL.search(id):
             raise LocalProtocolError(f"answer id {id[:40]!r} cannot be matched by Yate")
+        if not name and not retval and changes is not None and len(changes) == 1:
+            # the usual answer to a sip.*: only the SIP code set (and digits need no escape)
+            code = changes.get("code")
+            if code.__class__ is str and code.isascii() and code.isdigit():
+                data = ("%%<message:" + id + (":true:::code=" if handled else ":false:::code=")
+                        + code + "\n").encode(ENCODING, ERRORS)
+                if len(data) > self.max_line + 1:
+                    raise LineTooLong(len(data) - 1, self.max_line, "answer")
+                return data
         fields = ["%%<message:" + id + (":true:" if handled else ":false:")
                   + (escape(name) if name else ""), escape(retval) if retval else ""]
         if changes:
