@@ -82,7 +82,8 @@ def _needle(key: str) -> str | None:
 def _make(cls: "type[Message]", name: str, retval: str, id: str, time: int,
           params: dict[str, str], pairs: "list[tuple[str, str]] | None", line: str | None,
           pstart: int, raw: "dict[str, str] | bool | None" = None) -> "Message":
-    """A Message with every attribute set, bypassing ``__init__`` (the decoder's path)."""
+    """A Message with every attribute set, bypassing ``__init__``: the decoder makes one per
+    line (``raw=None``: indexed on the first read; ``False``: each read searches the line)."""
     m = _new(cls)
     m.name = m.original_name = name
     m.retval = m.original_retval = retval
@@ -98,14 +99,6 @@ def _make(cls: "type[Message]", name: str, retval: str, id: str, time: int,
     m.received_at = m.deadline = 0.0
     m.answered = m.handled = False
     return m
-
-
-def lazy_message(name: str, retval: str, line: str, pstart: int, id: str = "",
-                 time: int = 0, index: bool = True) -> "Message":
-    """:meth:`Message.from_line` as a plain function (the decoder calls it for every line).
-    ``index=False``: each read searches the line instead (few reads expected)."""
-    return _make(Message, name, retval, id, time, {}, None, line, pstart,
-                 None if index else False)
 
 
 _split = str.split

@@ -490,45 +490,10 @@ def decode_params(line: str, start: int) -> tuple[dict[str, str], list[tuple[str
 
 
 _message.decode_params = decode_params
-_lazy_message = _message.lazy_message
+_make = _message._make  # a Message with every attribute set, without __init__
+_Message = _message.Message
 _message.unescape = unescape
 _message.escape = escape
-
-
-def _msg_line(line: str, answer: bool) -> FromYate:
-    """A ``%%>message`` / ``%%<message`` line already checked for raw control bytes."""
-    parts = line.split(":", 5)
-    if len(parts) < 5:
-        raise RemoteProtocolError("message line has fewer than 4 fields", line)
-    mid, second, name, retval = parts[1], parts[2], parts[3], parts[4]
-    # the ':' before the first param (or the line's end when there is none)
-    pstart = len(line) - len(parts[5]) - 1 if len(parts) == 6 else len(line)
-    # Two C-level scans decide the usual line is valid: no '%' outside the escapes every line
-    # has (``%z``, ``%J``, ...), and no chunk that begins with '='. Anything else ("%%", "%}",
-    # a bad escape) is checked exactly by _check_params.
-    if _ESC_SUSPECT.search(line, 11) is not None or line.find(":=", pstart) >= 0:
-        _check_params(line, pstart)
-    if "%" in mid:
-        mid = unescape(mid)
-    if "%" in name:
-        name = unescape(name)
-    if "%" in retval:
-        retval = unescape(retval)
-    if answer:
-        # (what Yate writes: "true" or "false"; any other word of toBoolean's, the long way)
-        handled = True if second == "true" else False if second == "false" else parse_bool(
-            second)
-        if handled is None:
-            raise RemoteProtocolError(f"bad boolean {second!r}", line)
-        msg = _lazy_message(name, retval, line, pstart, mid, 0, False)
-        if mid:
-            return AnswerReceived(mid, handled, msg)
-        return WatchReceived(handled, msg)
-    if "%" in second:
-        second = unescape(second)
-    t_val = (int(second) if (second.isascii() and second.isdigit() and len(second) < 20)
-             else _int(second, "time"))
-    return MessageReceived(_lazy_message(name, retval, line, pstart, mid, t_val))
 
 
 def _split_last(rest: str, line: str) -> tuple[str, bool]:
@@ -555,7 +520,39 @@ def parse_yate_line(raw: bytes) -> FromYate | None:
         # one C pass (translate deletes control bytes) instead of a per-character check
         if len(raw.translate(None, _CTRL_BYTES)) != len(raw):
             raise RemoteProtocolError("raw control byte in line", line)
-        return _msg_line(line, kw[2] == "<")
+        parts = line.split(":", 5)
+        if len(parts) < 5:
+            raise RemoteProtocolError("message line has fewer than 4 fields", line)
+        mid, second, name, retval = parts[1], parts[2], parts[3], parts[4]
+        # the ':' before the first param (or the line's end when there is none)
+        pstart = len(line) - len(parts[5]) - 1 if len(parts) == 6 else len(line)
+        # Two C-level scans decide the usual line is valid: no '%' outside the escapes every
+        # line has (``%z``, ``%J``, ...), and no chunk that begins with '='. Anything else
+        # ("%%", "%}", a bad escape) is checked exactly by _check_params.
+        if _ESC_SUSPECT.search(line, 11) is not None or line.find(":=", pstart) >= 0:
+            _check_params(line, pstart)
+        if "%" in mid:
+            mid = unescape(mid)
+        if "%" in name:
+            name = unescape(name)
+        if "%" in retval:
+            retval = unescape(retval)
+        if kw[2] == "<":
+            # (what Yate writes: "true" or "false"; any other word of toBoolean's, the long way)
+            handled = True if second == "true" else False if second == "false" else (
+                parse_bool(second))
+            if handled is None:
+                raise RemoteProtocolError(f"bad boolean {second!r}", line)
+            # an answer echoes our request and we read a param or two: searched, not indexed
+            msg = _make(_Message, name, retval, mid, 0, {}, None, line, pstart, False)
+            if mid:
+                return AnswerReceived(mid, handled, msg)
+            return WatchReceived(handled, msg)
+        if "%" in second:
+            second = unescape(second)
+        t_val = (int(second) if (second.isascii() and second.isdigit() and len(second) < 20)
+                 else _int(second, "time"))
+        return MessageReceived(_make(_Message, name, retval, mid, t_val, {}, None, line, pstart))
     if line.startswith("Error in: "):
         return ErrorInReceived(line[10:])
     if len(raw.translate(None, _CTRL_BYTES)) != len(raw):

@@ -422,11 +422,12 @@ class MessageFeature:
             inb = self._inbound(msg, hops, raw)
         except Refusal as e:
             return self._refuse(msg, e)
-        out = inb.out
-        log.info("Got SIP MESSAGE from %s to %s (%s, %d bytes)", out.sender, out.user,
-                 out.content_type, len(out.body))
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("MESSAGE body for %s: %s", out.user, out.body)
+        if log.isEnabledFor(logging.INFO):  # (one call when off: this is the hot path)
+            out = inb.out
+            log.info("Got SIP MESSAGE from %s to %s (%s, %d bytes)", out.sender, out.user,
+                     out.content_type, len(out.body))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("MESSAGE body for %s: %s", out.user, out.body)
         return self._relay(msg, inb, None)
 
     def _inbound(self, msg: Message, hops: int, raw: "dict[str, str] | None" = None
@@ -575,6 +576,10 @@ class MessageFeature:
         """Answer 503 with Retry-After (and say True) when ``sender`` is over its rate."""
         if self.limiter.allow(sender):
             return False
+        return self._rate_limited(msg, sender)
+
+    def _rate_limited(self, msg: Message, sender: str) -> bool:
+        """The 503 of a sender over its rate (its token was refused already)."""
         self.counters["rate_limited"] += 1
         return self._reject(msg, 503, f"sender {sender} over its rate",
                             Retry_After=str(self.limiter.retry_after()))
@@ -601,8 +606,8 @@ class MessageFeature:
     def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> Any:
         """The sender's rate, then the answer mode, then delivery; shared by both set-ups.
         Returns True (answered) or the work that answers (see Engine's deferred handlers)."""
-        if self._over_rate(msg, inb.out.sender):
-            return True
+        if not self.limiter.allow(inb.out.sender):  # (_over_rate, inline: the hot path)
+            return self._rate_limited(msg, inb.out.sender)
         cfg = self.cfg
         if cfg["mode"] == "accept":
             if self.offline.keeps(inb.out, inb.parties.media):  # (right after a start: once open)
@@ -712,8 +717,12 @@ class MessageFeature:
     def _live_begin(self, msg: Message, inb: Inbound) -> "_LiveState":
         """A live delivery starts: counted, and watched against the answer deadline."""
         state = _LiveState()
-        if not msg.answered:
-            self._watch_deadline(id(state), msg, inb.out, inb.parties.media, state)
+        if not msg.answered:  # one ticking check for all of them, not a timer each
+            self._deadlines[id(state)] = (msg.deadline - STORE_RESERVE, msg, inb.out,
+                                          inb.parties.media, state)
+            if self._deadline_tick is None:
+                self._deadline_tick = asyncio.get_running_loop().call_later(
+                    self.DEADLINE_TICK, self._check_deadlines)
         self._live += 1
         return state
 
@@ -893,14 +902,6 @@ class MessageFeature:
 
     #: How often live deliveries are checked against their answer deadlines (seconds).
     DEADLINE_TICK = 0.1
-
-    def _watch_deadline(self, key: int, msg: Message, out: Outgoing, media: str,
-                        state: "_LiveState") -> None:
-        """One ticking check for all live deliveries instead of a timer each (hot path)."""
-        self._deadlines[key] = (msg.deadline - STORE_RESERVE, msg, out, media, state)
-        if self._deadline_tick is None:
-            self._deadline_tick = asyncio.get_running_loop().call_later(
-                self.DEADLINE_TICK, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
         self._deadline_tick = None
