@@ -59,6 +59,9 @@ _new = object.__new__
 _NEEDLES: dict[str, str] = {}
 
 
+#: (keys, value or None of each) -> what Message.wire_params gives for them.
+_WIRE_PARAMS: dict[tuple[object, ...], str] = {}
+
 #: prefixes -> the ":prefix" each is searched for as (see Message.has_prefix); from code.
 _PREFIX_NEEDLES: dict[tuple[str, ...], tuple[str, ...]] = {}
 
@@ -338,7 +341,15 @@ class Message:
         changes = self.changes
         if changes is None and raw is not False:  # a request from Yate, untouched: the usual
             get = raw.get  # type: ignore[union-attr]
-            return "".join([":" + k + "=" + v for k in keys if (v := get(k))])
+            # the same values come again and again (one sender's connection): built once
+            vals = (keys, *map(get, keys))
+            wire = _WIRE_PARAMS.get(vals)
+            if wire is None:
+                if len(_WIRE_PARAMS) >= 4096:
+                    _WIRE_PARAMS.clear()
+                wire = _WIRE_PARAMS[vals] = "".join(
+                    [":" + k + "=" + v for k in keys if (v := get(k))])
+            return wire
         out = []
         p = self._p
         for k in keys:

@@ -212,6 +212,10 @@ def route_of(answer: Message | None, exc: BaseException | None) -> Route:
     raise exc
 
 
+#: (callto, connection id) -> its one-target Route, as Yate's routing answers it again and again.
+_ONE_TARGET: dict[tuple[str, str], Route] = {}
+
+
 def parse_route(answer: Message) -> Route:
     """Interpret Yate's answer to ``call.route route_type=msg``.
 
@@ -231,7 +235,13 @@ def parse_route(answer: Message) -> Route:
             if targets:
                 return Route(targets)
         elif retval != "-" and retval != "error":  # the usual answer: one target
-            return Route([Target(retval, answer.get("oconnection_id") or "")])
+            key = (retval, answer.get("oconnection_id") or "")
+            route = _ONE_TARGET.get(key)
+            if route is None:  # (routes are never changed once made: one is shared)
+                if len(_ONE_TARGET) >= 4096:
+                    _ONE_TARGET.clear()
+                route = _ONE_TARGET[key] = Route([Target(*key)])
+            return route
     error = (answer.get("error") or answer.get("reason") or "").strip()
     if error == "offline":
         return Route([], 480, offline=True)
@@ -344,16 +354,13 @@ class Deliverer:
                                     timeout=timeout or self.route_timeout)
 
     def route_message(self, called: str, called_domain: str, params: dict[str, str],
-                      forwarded: str = "", wire: str | None = None) -> Message:
+                      forwarded: str = "") -> Message:
         """Our ``call.route route_type=msg`` for ``called@called_domain``.
 
-        ``forwarded`` are wire-form params of the sender's message (:meth:`Message.wire_params`);
-        ``wire``: what :meth:`route_wire` gives for ``called``, ``called_domain`` and
-        ``params``, kept from an earlier call (``params`` is then not read).
+        ``forwarded`` are wire-form params of the sender's message (:meth:`Message.wire_params`).
         """
-        if wire is None:
-            wire = self.route_wire(called, called_domain, params)
-        return Message.from_wire_params("call.route", wire + forwarded)
+        return Message.from_wire_params("call.route",
+                                        self.route_wire(called, called_domain, params) + forwarded)
 
     @staticmethod
     def route_wire(called: str, called_domain: str, params: dict[str, str]) -> str:

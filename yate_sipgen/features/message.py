@@ -592,9 +592,11 @@ class MessageFeature:
     def _route_message(self, inb: Inbound, msg: Message) -> Message:
         """Our call.route for ``inb`` (``msg``: the sender's message, whose routing params
         are forwarded)."""
-        return self.deliverer.route_message(inb.parties.rcpt_user, inb.parties.rcpt_host, {},
-                                            forwarded=msg.wire_params(self.ROUTE_PARAMS),
-                                            wire=inb.parties.route_wire)
+        return Message.from_wire_params("call.route", self._route_wire(inb, msg))
+
+    def _route_wire(self, inb: Inbound, msg: Message) -> str:
+        """The params of :meth:`_route_message`, escaped for Yate's wire."""
+        return inb.parties.route_wire + msg.wire_params(self.ROUTE_PARAMS)
 
     def _route_budget(self, msg: Message) -> float:
         """Seconds Yate's routing may take: what is left before the answer deadline (less

@@ -56,7 +56,8 @@ class RelayJob(Job):
             self._routed(route)
             return
         try:
-            self.wait(f._route_message(self.inb, msg), self._on_route, f._route_budget(msg))
+            self.wait_wire("call.route", f._route_wire(self.inb, msg), self._on_route,
+                           f._route_budget(msg))
         except DispatchCancelled as e:  # not connected
             self._routed(route_of(None, e))
 
