@@ -677,7 +677,11 @@ class Engine:
             self.stats.events["answer_too_long"] += 1
             log.error("answer to %s too long (%s); sent the failure answer", msg.name, err)
         if msg.original_name.startswith("sip."):  # is_sip()
-            self.stats.codes[msg.get("code") or ("200" if handled else "405")] += 1
+            changes = msg.changes  # (the code a handler set is there: no lookup of the line)
+            code = changes.get("code") if changes else None
+            if code is None:
+                code = msg.get("code")
+            self.stats.codes[code or ("200" if handled else "405")] += 1
         if not self.runq.active:
             self._schedule_flush()
 

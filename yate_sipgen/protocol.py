@@ -746,12 +746,13 @@ class Encoder:
         return data
 
     def message_wire(self, name: str, wire: str, id: str, stamp: str = "0",
-                     retval: str = "") -> bytes:
+                     retval: str = "", *, plain_id: bool = False) -> bytes:
         """``%%>message`` whose params are given already escaped (``:k=v...``, as
-        :meth:`Message.wire_params` gives them; ``wire`` must follow Yate's escaping)."""
+        :meth:`Message.wire_params` gives them; ``wire`` must follow Yate's escaping).
+        ``plain_id``: the caller made ``id`` of characters that need no escape."""
         try:
-            data = "".join(("%%>message:", _escaped_word(id), ":", stamp, ":",
-                            _escaped_word(name), ":", escape(retval) if retval else "",
+            data = "".join(("%%>message:", id if plain_id else _escaped_word(id), ":", stamp,
+                            ":", _escaped_word(name), ":", escape(retval) if retval else "",
                             wire or ":", "\n")).encode(ENCODING, ERRORS)
         except UnicodeEncodeError as e:
             raise LocalProtocolError(f"text cannot be encoded: {e}") from None

@@ -58,7 +58,7 @@ class Session:
         self.bufsize = p.DEFAULT_BUFSIZE
         self._out: list[bytes] = []
         self._partial: list[bytes] = []
-        self._prefix = f"sg{os.getpid()}{secrets.token_hex(3)}."
+        self._prefix = f"sg{os.getpid()}{secrets.token_hex(3)}."  # (plain: needs no escape)
         self._seq = 0
         self.closed = False
 
@@ -155,7 +155,7 @@ class Session:
         (``:k=v...``; see :meth:`Encoder.message_wire`), without a Message; returns its id."""
         self._seq += 1
         mid = self._prefix + str(self._seq)
-        self._out.append(self.encoder.message_wire(name, wire, mid))
+        self._out.append(self.encoder.message_wire(name, wire, mid, plain_id=True))
         self.outgoing.add(mid)
         return mid
 
