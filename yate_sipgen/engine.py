@@ -66,35 +66,6 @@ class _Dispatched(Waiter):
         return Waiter.cancel(self, msg)
 
 
-class _Then:
-    """A pending dispatch whose answer calls a :class:`Job` back (no Waiter, no Flow): what
-    :meth:`Job.wait` keeps in the engine's table of pending dispatches."""
-
-    __slots__ = ("mid", "expires", "what", "secs", "engine", "session", "job", "then",
-                 "_done")
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, value: Any) -> None:
-        if not self._done:
-            self._done = True
-            job = self.job
-            job._pending = None
-            job.engine.runq.run(job._call, self.then, value, None)  # Job._go, inline
-
-    def set_exception(self, exc: BaseException) -> None:
-        if not self._done:
-            self._done = True
-            self.job._go(self.then, None, exc)
-
-    def cancel(self) -> None:
-        """Stop waiting (the job was cancelled): no callback."""
-        if not self._done:
-            self._done = True
-            self.engine._forget(self.mid, self.session)
-
-
 class Job:
     """A handler's work on one message that goes on from Yate's answers by callbacks.
 
@@ -109,12 +80,16 @@ class Job:
     :meth:`hand_over`.
     """
 
-    __slots__ = ("engine", "msg", "_pending", "_over", "_waiter", "_waiter_then")
+    # A job waits for one dispatch at a time, and is itself the engine's record of it
+    # (Engine._futures: mid, expires, what, secs, session; done / set_result /
+    # set_exception): nothing is made per wait.
+    __slots__ = ("engine", "msg", "_then", "_over", "_waiter", "_waiter_then", "mid",
+                 "expires", "what", "secs", "session")
 
     def __init__(self, engine: "Engine", msg: Message) -> None:
         self.engine = engine
         self.msg = msg
-        self._pending: _Then | None = None
+        self._then: Any = None  # the callback of the dispatch it waits for
         self._over = False
         self._waiter: Waiter | None = None
         self._waiter_then: Any = None
@@ -140,14 +115,44 @@ class Job:
         """Dispatch ``msg``; ``then(answer, None)`` on Yate's answer (``.handled`` set), or
         ``then(None, exc)`` with :class:`DispatchTimeout` / :class:`DispatchCancelled`.
         Raises as :meth:`Engine.dispatch` does when the message cannot be sent."""
-        self._pending = self.engine._dispatch_then(msg, self, then, timeout)
+        e = self.engine
+        s = e.session
+        if s is None:
+            raise DispatchCancelled("not connected to Yate")
+        mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
+        self._then = then
+        e._keep_pending(self, mid, s, msg.name, timeout)
 
     def wait_wire(self, name: str, wire: str,
                   then: Callable[[Message | None, BaseException | None], None],
                   timeout: float | None = None) -> None:
         """:meth:`wait` for the message ``name`` given by its escaped params (``:k=v...``,
         as :meth:`Message.wire_params` gives them), without building a Message."""
-        self._pending = self.engine._dispatch_then(None, self, then, timeout, name, wire)
+        e = self.engine
+        s = e.session
+        if s is None:
+            raise DispatchCancelled("not connected to Yate")
+        mid = s.dispatch_wire(name, wire)
+        self._then = then
+        e._keep_pending(self, mid, s, name, timeout)
+
+    # -- the pending dispatch (what Engine._futures holds) ----------------------------------
+    def done(self) -> bool:
+        return self._then is None
+
+    def set_result(self, value: Any) -> None:
+        """Yate's answer to the dispatch: the callback runs as a step of the run queue (what
+        it wakes, such as the next holder of a lock, goes on after it)."""
+        then = self._then
+        if then is not None:
+            self._then = None
+            self.engine.runq.run(self._call, then, value, None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        then = self._then
+        if then is not None:
+            self._then = None
+            self.engine.runq.run(self._call, then, None, exc)
 
     def wait_for(self, waiter: Waiter, then: Callable[[None, BaseException | None], None]
                  ) -> None:
@@ -187,9 +192,9 @@ class Job:
         """Stop (the answer deadline or the connection's end): stop waiting, release."""
         if self._over:
             return False
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.cancel()
+        if self._then is not None:  # stop waiting for Yate's answer: no callback
+            self._then = None
+            self.engine._forget(self.mid, self.session)
         w, self._waiter = self._waiter, None
         if w is not None and w._flow is self:  # type: ignore[comparison-overlap]
             w._flow = None
@@ -202,7 +207,6 @@ class Job:
 
     def _go(self, then: Callable[[Any, BaseException | None], None], answer: Any,
             exc: BaseException | None) -> None:
-        self._pending = None
         # a step of the run queue: a flow or job this one wakes (the recipient's lock passed
         # on) goes on after this callback, as it would after a Flow's step
         self.engine.runq.run(self._call, then, answer, exc)
@@ -266,7 +270,8 @@ class Engine:
         self.session: Session | None = None
         self._write: Callable[[bytes], None] | None = None
         self._flush_scheduled = False
-        self._futures: dict[str, _Dispatched] = {}  # our dispatches waiting for Yate's answer
+        # our dispatches waiting for Yate's answer: a _Dispatched, or the Job that waits
+        self._futures: dict[str, _Dispatched | Job] = {}
         self._clock: Callable[[], float] = time.monotonic  # the loop's clock (see attach)
         self._sweeper: asyncio.TimerHandle | None = None
         self._tasks: dict[str, asyncio.Task[None] | Flow] = {}  # handlers still running
@@ -552,26 +557,6 @@ class Engine:
                   exc_info=exc)
         job.cancel()  # releases what it holds, unless it had ended already
         self._fail(msg, 500)  # (nothing when it was answered)
-
-    def _dispatch_then(self, msg: Message | None, job: Job, then: Any, timeout: float | None,
-                       name: str = "", wire: str = "") -> _Then:
-        """Dispatch ``msg`` (or, when None, the message ``name`` with the escaped params
-        ``wire``) and keep ``job`` waiting for the answer."""
-        s = self.session
-        if s is None:
-            raise DispatchCancelled("not connected to Yate")
-        # raises before anything is kept when Yate would refuse it
-        if msg is None:
-            mid = s.dispatch_wire(name, wire)
-        else:
-            mid = s.dispatch(msg)
-            name = msg.name
-        t = _Then()
-        t.job = job
-        t.then = then
-        t._done = False
-        self._keep_pending(t, mid, s, name, timeout)
-        return t
 
     def _keep_pending(self, pending: Any, mid: str, s: Session, what: str,
                       timeout: float | None) -> None:

@@ -185,6 +185,10 @@ NEVER_AUTO_ANSWER = ("application/im-iscomposing+xml", "message/imdn+xml")
 #: Margin kept before the answer deadline to store the message and answer 202.
 STORE_RESERVE = 0.5
 _BODY_PARAMS = ("xsip_body.", "xsip_type.", "xsip_body_encoding.")
+#: What, besides the From without its tag, decides the checks and headers of a conversation
+#: (the key of MessageFeature._parties: every param _parties_of reads).
+_PARTY_PARAMS = ("sip_uri", "called", "username", "in_line", "caller", "callername",
+                 "xsip_type", "sip_content-type", "sip_auto-submitted")
 
 
 def _check_message(cfg: config_mod.Config) -> list[str]:
@@ -445,10 +449,7 @@ class MessageFeature:
             tag = frm_text[cut + 5:]
             if tag.isascii() and tag.replace("-", "").replace(".", "").isalnum():
                 frm_text = frm_text[:cut]
-        key = (frm_text, wget("sip_uri") or "", wget("called") or "", wget("username") or "",
-               wget("in_line") or "", wget("caller") or "", wget("callername") or "",
-               wget("xsip_type") or "", wget("sip_content-type") or "",
-               wget("sip_auto-submitted") or "")
+        key = (frm_text, *map(wget, _PARTY_PARAMS))  # (an absent one is None)
         parties = self._parties.get(key)
         wire_body = wget("xsip_body")
         if wire_body is None:
