@@ -44,7 +44,8 @@ def test_messages_of_one_conversation_share_the_derived_headers_not_the_per_mess
         "alice@example.com")
     assert (a.out.body, b.out.body) == ("first", "second")
     assert a.out.call_id != b.out.call_id and a.out.from_tag != b.out.from_tag
-    assert (a.out.antiloop, a.parties.authenticated, a.parties.media) == (19, True, "text/plain")
+    assert (a.out.antiloop, a.parties.authenticated, a.parties.media) == (
+        19, True, "text/plain")
 
 
 @pytest.mark.parametrize("change", [{"username": "mallory"}, {"in_line": "gw"},

@@ -103,7 +103,7 @@ class Job:
     def _run_first(self) -> None:
         try:
             self.run()
-        except Exception as e:  # noqa: BLE001 - a bug in the job: the message still gets answered
+        except Exception as e:  # noqa: BLE001 - a bug in the job: still answered
             self.engine._job_failed(self, e)
 
     def run(self) -> None:
@@ -115,24 +115,20 @@ class Job:
         """Dispatch ``msg``; ``then(answer, None)`` on Yate's answer (``.handled`` set), or
         ``then(None, exc)`` with :class:`DispatchTimeout` / :class:`DispatchCancelled`.
         Raises as :meth:`Engine.dispatch` does when the message cannot be sent."""
-        e = self.engine
-        s = e.session
-        if s is None:
-            raise DispatchCancelled("not connected to Yate")
-        mid = s.dispatch(msg)  # raises before anything is kept when Yate would refuse it
-        self._then = then
-        e._keep_pending(self, mid, s, msg.name, timeout)
+        self.wait_wire(msg.name, "", then, timeout, msg)
 
     def wait_wire(self, name: str, wire: str,
                   then: Callable[[Message | None, BaseException | None], None],
-                  timeout: float | None = None) -> None:
+                  timeout: float | None = None, msg: Message | None = None) -> None:
         """:meth:`wait` for the message ``name`` given by its escaped params (``:k=v...``,
-        as :meth:`Message.wire_params` gives them), without building a Message."""
+        as :meth:`Message.wire_params` gives them), without building a Message (or for
+        ``msg``, when given)."""
         e = self.engine
         s = e.session
         if s is None:
             raise DispatchCancelled("not connected to Yate")
-        mid = s.dispatch_wire(name, wire)
+        # raises before anything is kept when Yate would refuse it
+        mid = s.dispatch_wire(name, wire) if msg is None else s.dispatch(msg)
         self._then = then
         e._keep_pending(self, mid, s, name, timeout)
 

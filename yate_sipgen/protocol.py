@@ -552,7 +552,8 @@ def parse_yate_line(raw: bytes) -> FromYate | None:
             second = unescape(second)
         t_val = (int(second) if (second.isascii() and second.isdigit() and len(second) < 20)
                  else _int(second, "time"))
-        return MessageReceived(_make(_Message, name, retval, mid, t_val, {}, None, line, pstart))
+        return MessageReceived(_make(_Message, name, retval, mid, t_val, {}, None, line,
+                                     pstart))
     if line.startswith("Error in: "):
         return ErrorInReceived(line[10:])
     if len(raw.translate(None, _CTRL_BYTES)) != len(raw):

@@ -212,7 +212,8 @@ def route_of(answer: Message | None, exc: BaseException | None) -> Route:
     raise exc
 
 
-#: (callto, connection id) -> its one-target Route, as Yate's routing answers it again and again.
+#: (callto, connection id) -> its one-target Route: Yate's routing gives the same again and
+#: again.
 _ONE_TARGET: dict[tuple[str, str], Route] = {}
 
 
@@ -357,10 +358,11 @@ class Deliverer:
                       forwarded: str = "") -> Message:
         """Our ``call.route route_type=msg`` for ``called@called_domain``.
 
-        ``forwarded`` are wire-form params of the sender's message (:meth:`Message.wire_params`).
+        ``forwarded`` are wire-form params of the sender's message
+        (:meth:`Message.wire_params`).
         """
-        return Message.from_wire_params("call.route",
-                                        self.route_wire(called, called_domain, params) + forwarded)
+        wire = self.route_wire(called, called_domain, params)
+        return Message.from_wire_params("call.route", wire + forwarded)
 
     @staticmethod
     def route_wire(called: str, called_domain: str, params: dict[str, str]) -> str:

@@ -419,6 +419,7 @@ class MessageFeature:
             return self._reject(msg, 483, "antiloop exhausted")
         if "id" in raw or (not raw and "id" in msg):
             return self.engine.run_flow(msg, self._in_call(msg, hops))
+        # (a ';' is never escaped: without one in the wire form there is no tag to look for)
         to = raw.get("sip_to") if raw else msg.get("sip_to")
         if to and ";" in to and header_param(msg.get("sip_to") or "", "tag"):
             return self._reject(msg, 481, "To tag of no known dialog")
@@ -534,10 +535,10 @@ class MessageFeature:
             "caller": sender_user, "domain": frm.uri.host, "module": "sipgen",
             "xsip_type": ctype_full})
         return Parties(self.user_key(rcpt_user, ruri.host), f"{sender_user}@{frm.uri.host}",
-                        from_hdr, to_hdr, ctype_full, media, rcpt_user, ruri.host,
-                        sender_user, frm.uri.host, sender.authenticated, foreign,
-                        self._may_notify(msg, frm, media, sender.vouched), route_wire,
-                        (escape(from_hdr), escape(to_hdr), escape(ctype_full)))
+                       from_hdr, to_hdr, ctype_full, media, rcpt_user, ruri.host,
+                       sender_user, frm.uri.host, sender.authenticated, foreign,
+                       self._may_notify(msg, frm, media, sender.vouched), route_wire,
+                       (escape(from_hdr), escape(to_hdr), escape(ctype_full)))
 
     def user_key(self, user: str, host: str) -> str:
         """The ``user@domain`` a recipient is stored and delivered under (see
@@ -613,7 +614,8 @@ class MessageFeature:
             return self._rate_limited(msg, inb.out.sender)
         cfg = self.cfg
         if cfg["mode"] == "accept":
-            if self.offline.keeps(inb.out, inb.parties.media):  # (right after a start: once open)
+            # (right after a start: once open)
+            if self.offline.keeps(inb.out, inb.parties.media):
                 return self.engine.run_flow(msg, self._accept(msg, inb, route))
             # a typing notice, an automatic message, no store: nothing to keep it in, so
             # this 202 is best effort (a kill during the delivery loses it)
@@ -710,7 +712,8 @@ class MessageFeature:
         """The route when no call.route is needed: a foreign host (relay_foreign) or, with
         routing=registrations, the one contact we saw the user register."""
         if inb.parties.foreign:  # relay_foreign: straight to the Request-URI
-            return Route([Target("sip/" + f"sip:{inb.parties.rcpt_user}@{inb.parties.rcpt_host}")])
+            p = inb.parties
+            return Route([Target(f"sip/sip:{p.rcpt_user}@{p.rcpt_host}")])
         if self.cfg["routing"] == "registrations":
             target = self.registrations.target(inb.out.user)
             if target is not None:
@@ -757,7 +760,8 @@ class MessageFeature:
         if code != SPILL:
             return code
         state.spilling = True  # the deadline watch must not store it twice
-        if await self.offline.add(out, inb.parties.media, why="the recipient's queue is too long"):
+        if await self.offline.add(out, inb.parties.media,
+                                  why="the recipient's queue is too long"):
             self.counters["spilled"] += 1
             self._answer(msg, 202)
         else:

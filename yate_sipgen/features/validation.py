@@ -29,7 +29,8 @@ DEFAULT_HOPS = 20
 def hops(msg: Message) -> int:
     """Hops left (Yate's ``antiloop``, from Max-Forwards); 20 when absent or not a number."""
     antiloop = msg.get("antiloop", "")
-    return int(antiloop) if antiloop.lstrip("-").isdigit() else DEFAULT_HOPS
+    # (isdecimal, not isdigit: int() takes no superscripts, and "²" must not raise)
+    return int(antiloop) if antiloop.lstrip("-").isdecimal() else DEFAULT_HOPS
 
 
 def unsupported_media(media: str, accept: str) -> Refusal:
