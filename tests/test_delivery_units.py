@@ -42,6 +42,19 @@ def test_parse_route_sip_target_takes_oconnection_id_and_nothing_else() -> None:
     assert r.code == 0 and not r.offline
 
 
+def test_parse_route_gives_one_route_per_target_and_connection_however_often_asked() -> None:
+    """Yate's routing answers the same target again and again: parse_route keeps the Route,
+    and a different connection (or target) is a different one."""
+    a = parse_route(answer("sip/sip:bob@192.0.2.1:5062", oconnection_id="tcp:4-x"))
+    b = parse_route(answer("sip/sip:bob@192.0.2.1:5062", oconnection_id="tcp:4-x", x="1"))
+    c = parse_route(answer("sip/sip:bob@192.0.2.1:5062", oconnection_id="tcp:5-y"))
+    d = parse_route(answer("sip/sip:carol@192.0.2.1:5062", oconnection_id="tcp:4-x"))
+    assert a is b and a == Route([Target("sip/sip:bob@192.0.2.1:5062", "tcp:4-x")])
+    assert c.targets == [Target("sip/sip:bob@192.0.2.1:5062", "tcp:5-y")]
+    assert d.targets == [Target("sip/sip:carol@192.0.2.1:5062", "tcp:4-x")]
+    assert not parse_route(answer("sip/sip:bob@192.0.2.1:5062", handled=False)).targets
+
+
 def test_parse_route_fork_targets_in_numeric_order_without_group_separators() -> None:
     r = parse_route(answer("fork", callto__10="sip/sip:c@x", callto__2="sip/sip:b@x",
                            callto__1="sip/sip:a@x", callto__3="|", callto__4="|next=5000",

@@ -313,6 +313,20 @@ class TestAnswerRoundTrip:
         assert head[1] == wire(mid)
         assert head[2] == (b"true" if handled else b"false")
 
+    @given(IDS, st.booleans(), st.from_regex(r"[0-9]{1,6}", fullmatch=True))
+    @example("0x1.2", True, "200")
+    def test_the_usual_code_answer_is_written_as_any_other_answer(self, mid, handled, code):
+        """Answering a sip.* with only its SIP code set has a short way through the encoder
+        (the hot path): Yate must get what the general encoding would give."""
+        line = p.Encoder().answer(mid, handled, "", "", {"code": code})
+        assert line == ("%%<message:" + mid + (":true" if handled else ":false") + ":::code="
+                        + code + "\n").encode("utf-8", "surrogateescape")
+        assert_yate_accepts(line)
+        orig = WireMessage(b"sip.message", b"", [(b"code", b"old")])
+        rc, ret = decode_answer(line[:-1], wire(mid), orig)
+        assert rc == -2 and ret is handled
+        assert orig.get_param(b"code") == code.encode()
+
     def test_minimal_answer_keeps_all_four_fields(self):
         assert p.Encoder().answer("0x1.2", True, "", "", None) == b"%%<message:0x1.2:true::\n"
         assert p.Encoder().answer("0x1.2", False, "", "", {}) == b"%%<message:0x1.2:false::\n"
@@ -355,6 +369,26 @@ class TestYateSideRoundTrip:
             assert got.getall(k) == [v for kk, v in params if kk == k]
             assert got[k] == next(v for kk, v in params if kk == k)
         assert len(got) == len(params)
+
+    def test_forwarded_params_are_those_of_each_message_when_values_repeat(self):
+        """wire_params keeps what it joined per set of values: messages that share them share
+        the result, one that differs in a forwarded value gets its own, and a message a
+        handler changed is read as it is now."""
+        keys = ("ip_host", "ip_port", "antiloop")
+
+        def request(port: str, extra: str) -> Message:
+            m = Message("sip.message", {"ip_host": "192.0.2.7", "ip_port": port,
+                                        "antiloop": "19", "other": extra})
+            return p.parse_yate_line(p.yate_message_line(m, "0x1.1", 0)[:-1]).message
+
+        a, b, c = request("5060", "1"), request("5060", "2"), request("5070", "1")
+        assert a.wire_params(keys) == b.wire_params(keys) == (
+            ":ip_host=192.0.2.7:ip_port=5060:antiloop=19")
+        assert c.wire_params(keys) == ":ip_host=192.0.2.7:ip_port=5070:antiloop=19"
+        assert a.wire_params(keys[:2]) == ":ip_host=192.0.2.7:ip_port=5060"
+        b["ip_port"] = "5:1"
+        assert b.wire_params(keys) == ":ip_host=192.0.2.7:ip_port=5%z1:antiloop=19"
+        assert a.wire_params(keys) == ":ip_host=192.0.2.7:ip_port=5060:antiloop=19"
 
     @given(IDS, st.booleans(), VALUES, YATE_PARAM_LISTS, st.lists(YATE_NAMES, max_size=4))
     @example("0x1.2", False, "m", [("k", "1"), ("k", "2"), ("x.y", "")], ["k", "x", "x."])
