@@ -370,6 +370,20 @@ class TestYateSideRoundTrip:
             assert got[k] == next(v for kk, v in params if kk == k)
         assert len(got) == len(params)
 
+    @pytest.mark.parametrize("answer", [False, True])
+    def test_a_name_prefix_deleted_by_a_handler_no_longer_counts(self, answer):
+        """has_prefix searches the line; a param deleted since is still on it, so a message
+        with deletions is answered from what it holds now."""
+        m = Message("sip.message", {"xsip_body.1": "x", "xsip_type": "text/plain"})
+        line = (p.yate_answer_line(m, "0x1.2", True) if answer
+                else p.yate_message_line(m, "0x1.2", 0))[:-1]
+        msg = p.parse_yate_line(line).message
+        assert msg.has_prefix(("xsip_body.", "xsip_type."))
+        del msg["xsip_body.1"]
+        assert not msg.has_prefix("xsip_body.")
+        msg["xsip_body.2"] = "y"
+        assert msg.has_prefix("xsip_body.")
+
     def test_forwarded_params_are_those_of_each_message_when_values_repeat(self):
         """wire_params keeps what it joined per set of values: messages that share them share
         the result, one that differs in a forwarded value gets its own, and a message a

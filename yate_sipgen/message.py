@@ -423,9 +423,13 @@ class Message:
         prefixes = (prefix,) if type(prefix) is str else prefix
         line = self._line
         if line is not None:
+            changes = self.changes
+            if changes is not None and any(v is None or type(v) is Reset
+                                           for v in changes.values()):
+                # a param deleted since is still on the line: decoded, then exact (rare)
+                return any(k.startswith(prefixes) for k in self.params)
             # Every ':' of the line starts a param (one in a value is escaped), and a plain
             # prefix reads the same escaped: ":prefix" found is exactly a name that starts so.
-            # (A deleted param stays on the line: it is in changes, and those are not asked.)
             needles = _PREFIX_NEEDLES.get(prefixes)
             if needles is None:
                 needles = _prefix_needles(prefixes)
@@ -433,7 +437,6 @@ class Message:
             for needle in needles:
                 if line.find(needle, start) >= 0:
                     return True
-            changes = self.changes
             return changes is not None and any(
                 k.startswith(prefixes) for k, v in changes.items() if v is not None)
         return any(k.startswith(prefixes) for k in self._p)
