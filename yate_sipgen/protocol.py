@@ -87,7 +87,7 @@ def escape(text: str) -> str:
     return _SPECIAL.sub(_esc_repl, text)
 
 
-def _escaped_word(text: str) -> str:
+def escape_word(text: str) -> str:
     """:func:`escape` for a word that seldom needs it (a message name, our ids): no call
     into the escaper for a plain one."""
     if ":" in text or "%" in text or not text.isprintable():
@@ -752,8 +752,8 @@ class Encoder:
         :meth:`Message.wire_params` gives them; ``wire`` must follow Yate's escaping).
         ``plain_id``: the caller made ``id`` of characters that need no escape."""
         try:
-            data = "".join(("%%>message:", id if plain_id else _escaped_word(id), ":", stamp,
-                            ":", _escaped_word(name), ":", escape(retval) if retval else "",
+            data = "".join(("%%>message:", id if plain_id else escape_word(id), ":", stamp,
+                            ":", escape_word(name), ":", escape(retval) if retval else "",
                             wire or ":", "\n")).encode(ENCODING, ERRORS)
         except UnicodeEncodeError as e:
             raise LocalProtocolError(f"text cannot be encoded: {e}") from None

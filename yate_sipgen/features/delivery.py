@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..message import Message
-from ..protocol import check_param_name, escape
+from ..protocol import check_param_name, escape, escape_word
 from ..sip import YATE_ERRORS, http_date
 from ..store import AsyncStore, StoredMessage, new_owner
 
@@ -467,13 +467,11 @@ class Deliverer:
         if not uri:
             uri = target.wire_uri = escape(target.callto[4:])
         tag = out.from_tag
-        call_id = out.call_id
         wire = [":method=MESSAGE:uri=", uri, ":wait=true:antiloop=",
                 str(out.antiloop), ":sip_From=", hdrs[0], ";tag=",
                 tag if tag.isalnum() else escape(tag), ":sip_To=", hdrs[1], ":sip_Call-ID=",
-                escape(call_id) if ":" in call_id or "%" in call_id or not call_id.isprintable()
-                else call_id, ":sip_CSeq=1 MESSAGE:sip_Date=", wire_date(out.received),
-                ":xsip_type=", hdrs[2], ":xsip_body=", body]
+                escape_word(out.call_id), ":sip_CSeq=1 MESSAGE:sip_Date=",
+                wire_date(out.received), ":xsip_type=", hdrs[2], ":xsip_body=", body]
         if out.body_encoding:
             wire += (":xsip_body_encoding=", escape(out.body_encoding))
         for k, v in out.extra.items():
