@@ -62,16 +62,6 @@ _NEEDLES: dict[str, str] = {}
 #: (keys, value or None of each) -> what Message.wire_params gives for them.
 _WIRE_PARAMS: dict[tuple[object, ...], str] = {}
 
-#: prefixes -> the ":prefix" each is searched for as (see Message.has_prefix); from code.
-_PREFIX_NEEDLES: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-
-def _prefix_needles(prefixes: tuple[str, ...]) -> tuple[str, ...]:
-    if len(_PREFIX_NEEDLES) > 256:
-        _PREFIX_NEEDLES.clear()
-    needles = _PREFIX_NEEDLES[prefixes] = tuple(":" + p for p in prefixes)
-    return needles
-
 
 def _needle(key: str) -> str | None:
     if type(key) is not str or "=" in key or escape(key) != key:
@@ -430,12 +420,9 @@ class Message:
                 return any(k.startswith(prefixes) for k in self.params)
             # Every ':' of the line starts a param (one in a value is escaped), and a plain
             # prefix reads the same escaped: ":prefix" found is exactly a name that starts so.
-            needles = _PREFIX_NEEDLES.get(prefixes)
-            if needles is None:
-                needles = _prefix_needles(prefixes)
             start = self._pstart
-            for needle in needles:
-                if line.find(needle, start) >= 0:
+            for pre in prefixes:
+                if line.find(":" + pre, start) >= 0:
                     return True
             return changes is not None and any(
                 k.startswith(prefixes) for k, v in changes.items() if v is not None)

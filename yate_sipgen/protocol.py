@@ -87,14 +87,6 @@ def escape(text: str) -> str:
     return _SPECIAL.sub(_esc_repl, text)
 
 
-def escape_word(text: str) -> str:
-    """:func:`escape` for a word that seldom needs it (a message name, our ids): no call
-    into the escaper for a plain one."""
-    if ":" in text or "%" in text or not text.isprintable():
-        return escape(text)
-    return text
-
-
 _CTRL_BYTES = bytes(range(0x20))
 _CTRL_NONNUL_B = re.compile(b"[\x01-\x1f]")
 _ESC_OUT_B = {bytes([c]): b"%" + bytes([c + 0x40]) for c in range(1, 0x20)}
@@ -752,8 +744,8 @@ class Encoder:
         :meth:`Message.wire_params` gives them; ``wire`` must follow Yate's escaping).
         ``plain_id``: the caller made ``id`` of characters that need no escape."""
         try:
-            data = "".join(("%%>message:", id if plain_id else escape_word(id), ":", stamp,
-                            ":", escape_word(name), ":", escape(retval) if retval else "",
+            data = "".join(("%%>message:", id if plain_id else escape(id), ":", stamp,
+                            ":", escape(name), ":", escape(retval) if retval else "",
                             wire or ":", "\n")).encode(ENCODING, ERRORS)
         except UnicodeEncodeError as e:
             raise LocalProtocolError(f"text cannot be encoded: {e}") from None

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..errors import DispatchCancelled, DispatchTimeout, LocalProtocolError
 from ..message import Message
-from ..protocol import check_param_name, escape, escape_word
+from ..protocol import check_param_name, escape
 from ..sip import YATE_ERRORS, http_date
 from ..store import AsyncStore, StoredMessage, new_owner
 
@@ -128,10 +128,6 @@ class CountGate:
         self._waiters: deque[Any] = deque()
         self._new = new_waiter or _loop_future
 
-    def free(self) -> bool:
-        """Would :meth:`enter` let one in at once?"""
-        return self.active < self.limit and not self._waiters
-
     def try_enter(self) -> bool:
         """:meth:`enter` when that lets one in at once (True); else nothing (False)."""
         if self.active < self.limit and not self._waiters:
@@ -140,8 +136,7 @@ class CountGate:
         return False
 
     def enter(self) -> asyncio.Future[None] | None:
-        if self.active < self.limit and not self._waiters:
-            self.active += 1
+        if self.try_enter():
             return None
         fut = self._new()
         self._waiters.append(fut)
@@ -470,7 +465,7 @@ class Deliverer:
         wire = [":method=MESSAGE:uri=", uri, ":wait=true:antiloop=",
                 str(out.antiloop), ":sip_From=", hdrs[0], ";tag=",
                 tag if tag.isalnum() else escape(tag), ":sip_To=", hdrs[1], ":sip_Call-ID=",
-                escape_word(out.call_id), ":sip_CSeq=1 MESSAGE:sip_Date=",
+                escape(out.call_id), ":sip_CSeq=1 MESSAGE:sip_Date=",
                 wire_date(out.received), ":xsip_type=", hdrs[2], ":xsip_body=", body]
         if out.body_encoding:
             wire += (":xsip_body_encoding=", escape(out.body_encoding))

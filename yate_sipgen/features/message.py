@@ -44,7 +44,7 @@ from .ratelimit import RateLimiter
 from .registrations import Registrations
 from .delivery import STORE_WORTHY, Deliverer, Outgoing, Route, Target, route_of
 from .relay import RelayJob
-from .validation import Refusal, hops as _hops, too_big, unsupported_media
+from .validation import Refusal, hops as _hops, hops_of, too_big, unsupported_media
 
 log = logging.getLogger("yate_sipgen.message")
 
@@ -409,18 +409,16 @@ class MessageFeature:
         if cfg["mode"] == "lateroute":
             return self._lateroute(msg)
         # A request as Yate sent it (the usual): read straight from the line's index, in
-        # wire form; a value is unescaped only where it may differ ('%' in it).
+        # wire form (None: a handler before us changed it, every read goes through msg). The
+        # wire form does for these checks: digits, presence, and a ';' (never escaped).
         raw = msg.wire_values()
-        if raw is None:
-            raw = {}  # changed by a handler before us: every read through msg
-        a = raw.get("antiloop")
-        hops = int(a) if a is not None and a.isdecimal() else _hops(msg)
+        get = raw.get if raw is not None else msg.get
+        hops = hops_of(get("antiloop") or "")
         if hops <= 0:
             return self._reject(msg, 483, "antiloop exhausted")
-        if "id" in raw or (not raw and "id" in msg):
+        if get("id") is not None:
             return self.engine.run_flow(msg, self._in_call(msg, hops))
-        # (a ';' is never escaped: without one in the wire form there is no tag to look for)
-        to = raw.get("sip_to") if raw else msg.get("sip_to")
+        to = get("sip_to")
         if to and ";" in to and header_param(msg.get("sip_to") or "", "tag"):
             return self._reject(msg, 481, "To tag of no known dialog")
         try:
@@ -438,12 +436,13 @@ class MessageFeature:
     def _inbound(self, msg: Message, hops: int, raw: "dict[str, str] | None" = None
                  ) -> Inbound:
         """What ``msg`` asks for, checked; raises :class:`Refusal` for what we refuse.
-        ``raw``: the message's line index (:meth:`Message.wire_values`), when it has one."""
+        ``raw``: what :meth:`Message.wire_values` gave for it, when the caller asked already
+        (looked up again when None)."""
         # who sends to whom: the same for every message between two parties (a conversation);
         # the key is read in wire form, straight from the line's index when it is untouched
-        if not raw:
+        if raw is None:
             raw = msg.wire_values()
-        wget = raw.get if raw else msg.wire
+        wget = raw.get if raw is not None else msg.wire
         frm_text = wget("sip_from") or ""
         cut = frm_text.rfind(";tag=")
         if cut > 0 and frm_text[cut - 1] == ">":  # the tag alone differs between messages
@@ -578,10 +577,6 @@ class MessageFeature:
         """Answer 503 with Retry-After (and say True) when ``sender`` is over its rate."""
         if self.limiter.allow(sender):
             return False
-        return self._rate_limited(msg, sender)
-
-    def _rate_limited(self, msg: Message, sender: str) -> bool:
-        """The 503 of a sender over its rate (its token was refused already)."""
         self.counters["rate_limited"] += 1
         return self._reject(msg, 503, f"sender {sender} over its rate",
                             Retry_After=str(self.limiter.retry_after()))
@@ -610,8 +605,8 @@ class MessageFeature:
     def _relay(self, msg: Message, inb: Inbound, route: Route | None) -> Any:
         """The sender's rate, then the answer mode, then delivery; shared by both set-ups.
         Returns True (answered) or the work that answers (see Engine's deferred handlers)."""
-        if not self.limiter.allow(inb.out.sender):  # (_over_rate, inline: the hot path)
-            return self._rate_limited(msg, inb.out.sender)
+        if self._over_rate(msg, inb.out.sender):
+            return True
         cfg = self.cfg
         if cfg["mode"] == "accept":
             # (right after a start: once open)
@@ -711,8 +706,8 @@ class MessageFeature:
     def _known_route(self, inb: Inbound) -> Route | None:
         """The route when no call.route is needed: a foreign host (relay_foreign) or, with
         routing=registrations, the one contact we saw the user register."""
-        if inb.parties.foreign:  # relay_foreign: straight to the Request-URI
-            p = inb.parties
+        p = inb.parties
+        if p.foreign:  # relay_foreign: straight to the Request-URI
             return Route([Target(f"sip/sip:{p.rcpt_user}@{p.rcpt_host}")])
         if self.cfg["routing"] == "registrations":
             target = self.registrations.target(inb.out.user)

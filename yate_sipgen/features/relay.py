@@ -72,13 +72,11 @@ class RelayJob(Job):
         out = inb.out
         state: Any = self.state
         d = f.deliverer
-        users = d.users
-        if not f._sends_itself(route, state) or (
-                users.locked(out.user) and f._must_spill(self.msg, out, inb.parties.media)):
+        if not f._sends_itself(route, state) or f._must_spill(self.msg, out, inb.parties.media):
             self._hand_over(f._after_lookup(self.msg, inb, route, state))
             return
         self.had_backlog = out.user in d.backlog  # stored before we came
-        waiter = users.enter(out.user)
+        waiter = d.users.enter(out.user)
         if waiter is None:
             self._locked()
         else:  # behind another delivery to this user (RFC 3428 §8): in FIFO order
@@ -99,7 +97,7 @@ class RelayJob(Job):
         out = self.inb.out
         state: Any = self.state
         d = f.deliverer
-        if ((out.user in d.backlog and f._backlog_first(out.user, state, self.had_backlog))
+        if (f._backlog_first(out.user, state, self.had_backlog)
                 or not d.slots.try_enter()):  # a delivery slot, taken at once when free
             self.locked = False  # the coroutine holds it now, and gives it up
             self._hand_over(f._after_lock(self.msg, self.inb, self.route, state,

@@ -28,7 +28,11 @@ DEFAULT_HOPS = 20
 
 def hops(msg: Message) -> int:
     """Hops left (Yate's ``antiloop``, from Max-Forwards); 20 when absent or not a number."""
-    antiloop = msg.get("antiloop", "")
+    return hops_of(msg.get("antiloop") or "")
+
+
+def hops_of(antiloop: str) -> int:
+    """:func:`hops` of the ``antiloop`` value itself (its wire form is the same: digits)."""
     # (isdecimal, not isdigit: int() takes no superscripts, and "²" must not raise)
     return int(antiloop) if antiloop.lstrip("-").isdecimal() else DEFAULT_HOPS
 
